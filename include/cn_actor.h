@@ -1,0 +1,27 @@
+/*
+ * cn_actor: conventions every cnapid actor follows.
+ *
+ * Pipe commands (from main, which owns the actor):
+ *   "$TERM"            leave the loop and exit.
+ *   "START" [args...]  do the I/O that can fail (bind, connect); reply
+ *                      "OK" or "ERROR" <reason>. Until START nothing is opened.
+ *   "STATUS"           reply one frame: a msgpack map {v, type:"status",
+ *                      actor:<name>, ...counters} (see proto/status.md).
+ *
+ * Control socket: after START every actor also binds a ZMQ_REP socket at
+ * CN_CTL_ENDPOINT(<name>) and answers the same "STATUS" there, so the admin
+ * actor can ask from its own thread (pipes belong to main).
+ */
+#ifndef CN_ACTOR_H
+#define CN_ACTOR_H
+
+#include <czmq.h>
+
+#define CN_CTL_FMT "inproc://cnapi-ctl-%s"
+#define CN_WRITER_ENDPOINT "inproc://cnapi-writer"
+#define CN_BACKEND_ENDPOINT "inproc://cnapi-backend"
+
+/* Bind a REP socket at CN_CTL_FMT for name; NULL on failure. */
+zsock_t *cn_ctl_bind (const char *name);
+
+#endif

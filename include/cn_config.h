@@ -1,0 +1,50 @@
+/*
+ * cn_config: the cnapid configuration.
+ *
+ * A JSON file (deploy/cnapid.example.json) with environment overrides:
+ * each key path, upper-cased with '.' as '_', prefixed CNAPI_, e.g.
+ * http.port -> CNAPI_HTTP_PORT, amqp.url -> CNAPI_AMQP_URL. The environment wins.
+ * Every key has a default, so an empty file (or none) is valid.
+ */
+#ifndef CN_CONFIG_H
+#define CN_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+typedef struct {
+    char *instance;           /* instance name; default: hostname-pid */
+    char *datacenter_name;    /* "dc1" */
+    char *dns_domain;         /* "example.com" */
+    char *log_level;          /* "info" */
+
+    char *http_address;       /* "127.0.0.1" */
+    int   http_port;          /* 8080 */
+    int   http_max_body;      /* bytes, 1 MiB */
+
+    char *admin_endpoint;     /* "ipc:///tmp/cnapid-<instance>.sock" */
+
+    char *amqp_url;           /* "amqp://guest:guest@127.0.0.1:5672" */
+    char *amqp_queue;         /* "ur.cnapi" */
+    int   amqp_prefetch;      /* 1000 */
+    int   amqp_max_message;   /* bytes, 4 MiB: larger sysinfo is rejected */
+
+    char *pg_conninfo;        /* "host=127.0.0.1 port=5432 dbname=cnapi user=postgres" */
+    int   pg_timeout_ms;      /* 5000: connect and statement timeout */
+
+    char *redis_url;          /* "redis://127.0.0.1:6379" */
+    int   redis_timeout_ms;   /* 500 */
+
+    int   sysinfo_freshness_s;/* 90: unsetup servers go unknown after this */
+    int   writer_max_batch;   /* 500 messages per transaction */
+    int   backend_threads;    /* 2 read workers for the HTTP gateway */
+} cn_config_t;
+
+/* Load path (NULL: defaults only), then apply CNAPI_* overrides.
+ * Returns NULL and fills err on a bad file or a bad value. */
+cn_config_t *cn_config_load (const char *path, char *err, size_t errlen);
+void cn_config_destroy (cn_config_t **p);
+/* The effective configuration as JSON text (caller frees); secrets masked. */
+char *cn_config_dump (const cn_config_t *c);
+
+#endif

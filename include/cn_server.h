@@ -1,0 +1,103 @@
+/*
+ * cn_server: the server record, derived from sysinfo, and its API views.
+ *
+ * A record is the JSON object stored as _value in bucket cnapi_servers: the
+ * API's server object (docs/api.md) without the derived `status`, plus
+ * internal fields the API never shows:
+ *   sysinfo_ms      source time of the stored sysinfo (orders racing writers)
+ *   last_sysinfo    ms when sysinfo was last received (freshness, see below)
+ *   uuid_conflicts  shown in the API: other machines that reported this UUID
+ *
+ * Freshness: unchanged sysinfo writes nothing, except that last_sysinfo is
+ * rewritten once it is older than freshness/3, so the stored value is never
+ * more than a third of the window behind.
+ */
+#ifndef CN_SERVER_H
+#define CN_SERVER_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cn_moray.h"
+
+#define CN_BUCKET_SERVERS "cnapi_servers"
+#define CN_SYSINFO_MAX_BYTES (4 * 1024 * 1024)
+
+extern const cn_mindex_t cn_server_index[];
+extern const size_t cn_server_nindex;
+
+/* An API error: HTTP status, code, message, and for InvalidParameters the
+ * list [{field, code:"Invalid", message}]. */
+typedef struct {
+    int status;
+    const char *code;         /* static string, e.g. "InvalidArgument" */
+    char message[256];
+    json_t *errors;           /* owned, may be NULL */
+} cn_apierr_t;
+
+void cn_apierr_set (cn_apierr_t *e, int status, const char *code, const char *fmt, ...);
+void cn_apierr_fini (cn_apierr_t *e);
+/* {"code":..., "message":..., ["errors":...]} as JSON text; caller frees. */
+char *cn_apierr_body (const cn_apierr_t *e);
+
+/* Parse and check a sysinfo document: a JSON object of at most
+ * CN_SYSINFO_MAX_BYTES with a valid "UUID" (equal to expect_uuid when that is
+ * not NULL) and the right JSON types for the keys we derive fields from.
+ * 0 with *out set, or -1 with err filled. */
+int cn_sysinfo_parse (const char *body, size_t len, const char *expect_uuid,
+                      json_t **out, char *err, size_t errlen);
+
+typedef struct {
+    const char *datacenter;   /* from config */
+    int64_t now_ms;           /* receipt time */
+    int64_t sent_ms;          /* source time of this sysinfo; 0 = unknown (use now) */
+    int freshness_s;          /* sysinfo freshness window */
+} cn_sysinfo_ctx_t;
+
+typedef enum {
+    CN_SRV_WRITE,             /* *out is the record to store */
+    CN_SRV_UNCHANGED,         /* nothing to write */
+    CN_SRV_STALE,             /* older than what is stored: nothing to write */
+    CN_SRV_CONFLICT           /* another machine claims this UUID; *out is the
+                                 existing record with the report added, or NULL
+                                 when there is nothing new to record */
+} cn_srv_result_t;
+
+/* Merge a parsed sysinfo into the existing record (NULL for a new server).
+ * Operator-set fields (reserved, traits, comments, ...) are kept. */
+cn_srv_result_t cn_server_apply_sysinfo (const json_t *existing, const json_t *sysinfo,
+                                         const cn_sysinfo_ctx_t *ctx, json_t **out);
+
+/* "running", "unknown" or "rebooting" (from transitional_status). */
+const char *cn_server_status (const json_t *rec, int64_t now_ms, int freshness_s);
+
+enum {
+    CN_EXTRA_AGENTS = 1, CN_EXTRA_VMS = 2, CN_EXTRA_MEMORY = 4, CN_EXTRA_DISK = 8,
+    CN_EXTRA_SYSINFO = 16, CN_EXTRA_CAPACITY = 32, CN_EXTRA_ALL = 63
+};
+
+/* GET /servers query -> what to fetch. params: object of query/body values. */
+typedef struct {
+    char *filter;             /* LDAP filter on cnapi_servers' indexes */
+    int64_t limit, offset;
+    unsigned extras;
+    char **fields;            /* NULL = all; else nfields names */
+    size_t nfields;
+} cn_server_query_t;
+int cn_server_list_query (const json_t *params, cn_server_query_t *q, cn_apierr_t *err);
+void cn_server_query_fini (cn_server_query_t *q);
+
+/* The API view of a record (new reference): full = GET /servers/:uuid,
+ * otherwise the list view with extras and fields applied. Adds status. */
+json_t *cn_server_render (const json_t *rec, bool full, unsigned extras,
+                          char *const *fields, size_t nfields,
+                          int64_t now_ms, int freshness_s);
+
+/* POST /servers/:uuid: check params strictly and apply them to rec.
+ * 0 on success; -1 with err set (409 InvalidArgument for an unknown
+ * parameter, 500 InvalidParameters with errors[] for a bad value). */
+int cn_server_update (json_t *rec, const json_t *params, int64_t now_ms, cn_apierr_t *err);
+
+#endif

@@ -1,0 +1,81 @@
+/* Unit tests: lib/cn_util.c */
+#include "cn_test.h"
+#include "cn_util.h"
+
+#include <stdlib.h>
+
+static void
+test_uuid (void)
+{
+    CHECK (cn_uuid_valid ("930896af-bf8c-48d4-885c-6573a94b1853"));
+    CHECK (cn_uuid_valid ("930896AF-BF8C-48D4-885C-6573A94B1853"));
+    CHECK (!cn_uuid_valid ("930896af-bf8c-48d4-885c-6573a94b185"));
+    CHECK (!cn_uuid_valid ("930896af-bf8c-48d4-885c-6573a94b18534"));
+    CHECK (!cn_uuid_valid ("930896afxbf8c-48d4-885c-6573a94b1853"));
+    CHECK (!cn_uuid_valid ("g30896af-bf8c-48d4-885c-6573a94b1853"));
+    CHECK (!cn_uuid_valid (""));
+    CHECK (!cn_uuid_valid (NULL));
+    char out[37];
+    CHECK (cn_uuid_normalize ("930896AF-BF8C-48D4-885C-6573A94B1853", out));
+    CHECK_STR (out, "930896af-bf8c-48d4-885c-6573a94b1853");
+    CHECK (!cn_uuid_normalize ("nope", out));
+    char a[37], b[37];
+    cn_uuid_new (a);
+    cn_uuid_new (b);
+    CHECK (cn_uuid_valid (a));
+    CHECK (strcmp (a, b) != 0);
+    CHECK (a[14] == '4');
+}
+
+static void
+test_crc32_etag (void)
+{
+    /* Known CRC32 (IEEE) values, independent of zlib. */
+    CHECK_INT (cn_crc32 ("hello", 5), 0x3610a686u);
+    CHECK_INT (cn_crc32 ("123456789", 9), 0xcbf43926u);
+    CHECK_INT (cn_crc32 ("", 0), 0);
+    char e[9];
+    cn_etag ("123456789", 9, e);
+    CHECK_STR (e, "CBF43926");
+    cn_etag ("{}", 2, e);
+    CHECK_INT (strlen (e), 8);
+}
+
+static void
+test_iso8601 (void)
+{
+    char buf[32];
+    CHECK_STR (cn_iso8601 (0, buf, sizeof buf), "1970-01-01T00:00:00.000Z");
+    CHECK_STR (cn_iso8601 (1764067796123LL, buf, sizeof buf), "2025-11-25T10:49:56.123Z");
+}
+
+static void
+test_backoff (void)
+{
+    for (int attempt = 0; attempt < 20; attempt++) {
+        int cap = 100;
+        for (int i = 0; i < attempt && cap < 5000; i++)
+            cap *= 2;
+        if (cap > 5000)
+            cap = 5000;
+        for (int n = 0; n < 50; n++) {
+            int v = cn_backoff_ms (attempt, 100, 5000);
+            CHECK (v >= 0 && v <= cap);
+        }
+    }
+    /* Full jitter spreads: over many draws not all equal. */
+    int first = cn_backoff_ms (5, 100, 5000), differ = 0;
+    for (int n = 0; n < 100; n++)
+        differ |= cn_backoff_ms (5, 100, 5000) != first;
+    CHECK (differ);
+}
+
+int
+main (void)
+{
+    RUN (test_uuid);
+    RUN (test_crc32_etag);
+    RUN (test_iso8601);
+    RUN (test_backoff);
+    return cn_test_done ();
+}
