@@ -39,11 +39,15 @@ typedef struct {
     int64_t version;
     const char *json;
     size_t len;
+    bool fill;                /* a read-miss fill: nothing changed, don't announce */
 } cn_cache_put_t;
 
 /* Apply n changes pipelined in one round trip; 0 ok, -1 on error. */
 int cn_redis_cache_apply (cn_redis_t *r, const cn_cache_put_t *puts, size_t n);
 /* Look up a server: 1 hit (*json malloc'd), 0 miss, 2 tombstone, -1 error. */
+/* Drop cached entries (after writes that could not reach Redis) and announce
+ * them; n == 0 with all == true drops every cached server. */
+int cn_redis_cache_drop (cn_redis_t *r, const char *const *uuids, size_t n, bool all);
 int cn_redis_cache_get (cn_redis_t *r, const char *uuid, char **json, size_t *len,
                         int64_t *version);
 

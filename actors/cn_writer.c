@@ -1,0 +1,785 @@
+/*
+ * cn_writer: the state writer actor. See include/cn_writer.h and proto/writer.md.
+ *
+ * Theory of operation.
+ *
+ * Group commit. The actor reads every request waiting on its ROUTER (up to
+ * writer_max_batch) and applies them in one transaction: it locks the rows of
+ * every server the batch touches (SELECT ... FOR UPDATE), folds the requests
+ * into those records in arrival order in memory, writes each changed record
+ * once, commits, and only then answers. While a transaction runs, new requests
+ * queue up in ZeroMQ, so the busier it gets the bigger the batches become.
+ *
+ * Races between instances. Rows that exist are locked, so two instances
+ * writing the same server serialise. A server that does not exist yet is
+ * inserted with the "must not exist" condition; if another instance inserted
+ * it first the batch fails with a conflict and is simply run again (the row
+ * now exists and gets locked). Sysinfo carries its source time (sent_ms); an
+ * older sysinfo than the stored one is acknowledged and ignored, so
+ * round-robin delivery to several instances cannot move a record backwards.
+ *
+ * Failure. PostgreSQL unreachable: requests from AMQP are kept, in order, and
+ * retried with backoff (their messages stay unacked, so a crash loses nothing:
+ * the broker redelivers). Requests from HTTP are answered 500 at once.
+ *
+ * Cache. After the commit, changed records go to Redis with their version
+ * (_id), pipelined. If Redis is down the affected keys are remembered and
+ * dropped from Redis when it returns (readers then refill from PostgreSQL);
+ * past CN_DIRTY_MAX keys the whole server cache is dropped instead.
+ */
+#include "cn_writer.h"
+
+#include "cn_actor.h"
+#include "cn_config.h"
+#include "cn_health.h"
+#include "cn_log.h"
+#include "cn_moray.h"
+#include "cn_msg.h"
+#include "cn_redis.h"
+#include "cn_server.h"
+#include "cn_util.h"
+
+#include <jansson.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CN_DIRTY_MAX 100000
+#define COMPONENT "writer"
+
+typedef enum { REQ_SYSINFO, REQ_UPDATE, REQ_DELETE } s_kind_t;
+
+typedef struct {
+    zframe_t *identity;       /* the client's ROUTER identity */
+    s_kind_t kind;
+    uint64_t tag;
+    char uuid[37];
+    bool from_http;
+    int64_t sent_ms;
+    int64_t received_ms;
+    json_t *body;             /* sysinfo object, or update params */
+} s_req_t;
+
+typedef struct {
+    /* reply */
+    bool ok;
+    int status;
+    const char *outcome;
+    const char *code;
+    char message[256];
+    json_t *errors;
+    bool retry;
+} s_res_t;
+
+typedef struct {
+    const cn_config_t *cfg;
+    zsock_t *pipe;
+    zsock_t *router;
+    zsock_t *ctl;
+    zloop_t *loop;
+    cn_moray_t *moray;
+    cn_redis_t *redis;
+    bool started;
+    bool bucket_ready;
+
+    zlistx_t *retry;          /* s_req_t* from AMQP waiting for PostgreSQL */
+    int retry_attempt;
+    int retry_timer;
+    zhashx_t *dirty;          /* uuids whose cache update failed */
+    bool dirty_all;
+
+    /* counters */
+    uint64_t received, batches, rows_written, unchanged, stale, conflicts, rejected,
+        failures, requests_failed_fast, retries, max_batch_seen, total_batched;
+    uint64_t last_batch;
+    double last_commit_ms;
+} self_t;
+
+static void
+s_req_destroy (s_req_t **p)
+{
+    if (!p || !*p)
+        return;
+    zframe_destroy (&(*p)->identity);
+    json_decref ((*p)->body);
+    free (*p);
+    *p = NULL;
+}
+
+static void
+s_reply (self_t *self, s_req_t *req, const s_res_t *res)
+{
+    uint32_t n = 4;
+    if (res->outcome)
+        n++;
+    if (res->code)
+        n++;
+    if (res->message[0])
+        n++;
+    if (res->errors)
+        n++;
+    if (res->retry)
+        n++;
+    cn_msgw_t w;
+    cn_msgw_init (&w, "result", n);
+    cn_msgw_uint (&w, "tag", req->tag);
+    cn_msgw_bool (&w, "ok", res->ok);
+    cn_msgw_uint (&w, "status", (uint64_t) res->status);
+    cn_msgw_str (&w, "uuid", req->uuid);
+    if (res->outcome)
+        cn_msgw_str (&w, "outcome", res->outcome);
+    if (res->code)
+        cn_msgw_str (&w, "code", res->code);
+    if (res->message[0])
+        cn_msgw_str (&w, "message", res->message);
+    if (res->errors)
+        cn_msgw_json (&w, "errors", res->errors);
+    if (res->retry)
+        cn_msgw_bool (&w, "retry", true);
+    zframe_t *body = cn_msgw_frame (&w);
+    zframe_t *id = zframe_dup (req->identity);
+    zframe_send (&id, self->router, ZFRAME_MORE);
+    zframe_send (&body, self->router, 0);
+}
+
+static void
+s_fail (s_res_t *res, int status, const char *code, const char *outcome, const char *fmt, ...)
+{
+    res->ok = false;
+    res->status = status;
+    res->code = code;
+    res->outcome = outcome;
+    va_list ap;
+    va_start (ap, fmt);
+    vsnprintf (res->message, sizeof res->message, fmt, ap);
+    va_end (ap);
+}
+
+/* Decode one request. Returns NULL (after replying, when possible) on bad input. */
+static s_req_t *
+s_decode (self_t *self, zframe_t *identity, zframe_t *frame)
+{
+    cn_msg_t m;
+    char err[128];
+    if (cn_msg_parse (&m, zframe_data (frame), zframe_size (frame), err, sizeof err) != 0) {
+        CN_WARN (COMPONENT, "request dropped", "{s:s}", "reason", err);
+        self->rejected++;
+        zframe_destroy (&identity);
+        return NULL;
+    }
+    s_req_t *req = calloc (1, sizeof *req);
+    req->identity = identity;
+    req->received_ms = cn_now_ms ();
+    const char *why = NULL;
+    if (!cn_msg_uint (&m, "tag", &req->tag))
+        why = "request has no tag";
+    else if (cn_msg_is (&m, "sysinfo"))
+        req->kind = REQ_SYSINFO;
+    else if (cn_msg_is (&m, "update_server"))
+        req->kind = REQ_UPDATE;
+    else if (cn_msg_is (&m, "delete_server"))
+        req->kind = REQ_DELETE;
+    else
+        why = "unknown request type";
+    size_t len = 0;
+    const char *uuid = why ? NULL : cn_msg_str (&m, "uuid", &len);
+    if (!why) {
+        char tmp[37] = "";
+        if (uuid && len == 36)
+            memcpy (tmp, uuid, 36);
+        if (!cn_uuid_normalize (tmp, req->uuid))
+            why = "request has no valid uuid";
+    }
+    size_t slen = 0;
+    const char *source = cn_msg_str (&m, "source", &slen);
+    req->from_http = source && slen == 4 && memcmp (source, "http", 4) == 0;
+    cn_msg_int (&m, "sent_ms", &req->sent_ms);
+    s_res_t res = { 0 };
+    if (!why && req->kind == REQ_SYSINFO) {
+        const char *body = cn_msg_str (&m, "sysinfo", &len);
+        char perr[256];
+        if (!body)
+            why = "request has no sysinfo";
+        else if (cn_sysinfo_parse (body, len, req->uuid, &req->body, perr, sizeof perr) != 0) {
+            s_fail (&res, 400, "InvalidArgument", "rejected", "%s", perr);
+        }
+    }
+    else if (!why && req->kind == REQ_UPDATE) {
+        const char *body = cn_msg_str (&m, "params", &len);
+        json_error_t jerr;
+        req->body = body ? json_loadb (body, len, 0, &jerr) : NULL;
+        if (!json_is_object (req->body))
+            why = "request has no params object";
+    }
+    cn_msg_fini (&m);
+    if (why)
+        s_fail (&res, 400, "InvalidArgument", "rejected", "%s", why);
+    if (res.status) {
+        self->rejected++;
+        CN_WARN (COMPONENT, "request rejected", "{s:s,s:s}", "reason", res.message,
+                 "server_uuid", req->uuid);
+        s_reply (self, req, &res);
+        s_req_destroy (&req);
+    }
+    return req;
+}
+
+/* Per-server state inside one batch. */
+typedef struct {
+    char *uuid;
+    json_t *rec;              /* current record (NULL = absent) */
+    char etag[9];             /* stored etag, "" when absent */
+    bool existed;
+    bool dirty;
+    bool deleted;
+    int64_t version;
+} s_row_t;
+
+static s_row_t *
+s_row_find (s_row_t *rows, size_t n, const char *uuid)
+{
+    for (size_t i = 0; i < n; i++)
+        if (strcmp (rows[i].uuid, uuid) == 0)
+            return &rows[i];
+    return NULL;
+}
+
+static void
+s_apply_one (self_t *self, s_req_t *req, s_row_t *row, s_res_t *res)
+{
+    memset (res, 0, sizeof *res);
+    res->ok = true;
+    res->status = 200;
+    if (req->kind == REQ_SYSINFO) {
+        cn_sysinfo_ctx_t ctx = {
+            .datacenter = self->cfg->datacenter_name,
+            .now_ms = req->received_ms,
+            .sent_ms = req->sent_ms,
+            .freshness_s = self->cfg->sysinfo_freshness_s,
+        };
+        json_t *out = NULL;
+        switch (cn_server_apply_sysinfo (row->rec, req->body, &ctx, &out)) {
+            case CN_SRV_WRITE:
+                res->outcome = "written";
+                break;
+            case CN_SRV_UNCHANGED:
+                res->outcome = "unchanged";
+                self->unchanged++;
+                break;
+            case CN_SRV_STALE:
+                res->outcome = "stale";
+                self->stale++;
+                break;
+            case CN_SRV_CONFLICT:
+                res->outcome = "conflict";
+                self->conflicts++;
+                json_t *hn = json_object_get (req->body, "Hostname");
+                CN_WARN (COMPONENT, "another machine reports this server uuid", "{s:s,s:s?}",
+                         "server_uuid", req->uuid, "hostname",
+                         json_is_string (hn) ? json_string_value (hn) : NULL);
+                break;
+        }
+        if (out) {
+            json_decref (row->rec);
+            row->rec = out;
+            row->dirty = true;
+            row->deleted = false;
+        }
+        return;
+    }
+    if (!row->rec) {
+        s_fail (res, 404, "ResourceNotFound", "failed", "Server %s not found", req->uuid);
+        return;
+    }
+    if (req->kind == REQ_DELETE) {
+        json_decref (row->rec);
+        row->rec = NULL;
+        row->deleted = true;
+        row->dirty = true;
+        res->outcome = "written";
+        return;
+    }
+    /* REQ_UPDATE: apply to a copy so a rejected update leaves the row alone. */
+    json_t *copy = json_deep_copy (row->rec);
+    cn_apierr_t aerr = { 0 };
+    if (cn_server_update (copy, req->body, cn_now_ms (), &aerr) != 0) {
+        json_decref (copy);
+        s_fail (res, aerr.status ? aerr.status : 500, aerr.code ? aerr.code : "InternalError",
+                "rejected", "%s", aerr.message);
+        res->errors = aerr.errors ? json_incref (aerr.errors) : NULL;
+        cn_apierr_fini (&aerr);
+        return;
+    }
+    json_decref (row->rec);
+    row->rec = copy;
+    row->dirty = true;
+    res->status = 204;
+    res->outcome = "written";
+}
+
+typedef enum { RUN_OK, RUN_EIO, RUN_CONFLICT, RUN_ERROR } s_run_t;
+
+/* Run one batch in one transaction. On RUN_OK, res[i] holds each answer and
+ * the written rows are pushed to the cache. */
+static s_run_t
+s_run_batch (self_t *self, s_req_t **reqs, size_t n, s_res_t *res)
+{
+    if (!self->bucket_ready) {
+        int rc = cn_moray_put_bucket (self->moray, CN_BUCKET_SERVERS, cn_server_index,
+                                      cn_server_nindex);
+        if (rc != CN_MORAY_OK)
+            return rc == CN_MORAY_EIO ? RUN_EIO : RUN_ERROR;
+        self->bucket_ready = true;
+    }
+    /* distinct uuids, in first-seen order */
+    const char **keys = calloc (n, sizeof *keys);
+    s_row_t *rows = calloc (n, sizeof *rows);
+    size_t nrows = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!s_row_find (rows, nrows, reqs[i]->uuid)) {
+            rows[nrows].uuid = reqs[i]->uuid;
+            keys[nrows] = reqs[i]->uuid;
+            nrows++;
+        }
+    }
+    cn_mobj_t *objs = calloc (nrows, sizeof *objs);
+    s_run_t out = RUN_OK;
+    int rc = cn_moray_begin (self->moray);
+    if (rc == CN_MORAY_OK)
+        rc = cn_moray_get_many_locked (self->moray, CN_BUCKET_SERVERS, keys, nrows, objs);
+    if (rc != CN_MORAY_OK) {
+        out = rc == CN_MORAY_EIO ? RUN_EIO : RUN_ERROR;
+        goto done;
+    }
+    for (size_t i = 0; i < nrows; i++) {
+        if (objs[i].key) {
+            json_error_t jerr;
+            rows[i].rec = json_loadb (objs[i].value, objs[i].value_len, 0, &jerr);
+            if (!rows[i].rec)
+                CN_ERROR (COMPONENT, "stored server record is not JSON; replacing it",
+                          "{s:s,s:s}", "server_uuid", rows[i].uuid, "error", jerr.text);
+            memcpy (rows[i].etag, objs[i].etag, 9);
+            rows[i].existed = true;
+            rows[i].version = objs[i].id;
+        }
+    }
+    for (size_t i = 0; i < n; i++)
+        s_apply_one (self, reqs[i], s_row_find (rows, nrows, reqs[i]->uuid), &res[i]);
+
+    /* one op per changed row */
+    cn_mop_t *ops = calloc (nrows, sizeof *ops);
+    char **texts = calloc (nrows, sizeof *texts);
+    size_t *opmap = calloc (nrows, sizeof *opmap);
+    size_t nops = 0;
+    for (size_t i = 0; i < nrows; i++) {
+        if (!rows[i].dirty)
+            continue;
+        if (rows[i].deleted && !rows[i].existed)
+            continue;
+        cn_mop_t *op = &ops[nops];
+        op->bucket = CN_BUCKET_SERVERS;
+        op->key = rows[i].uuid;
+        op->etag = rows[i].existed ? rows[i].etag : CN_MORAY_ETAG_NULL;
+        if (rows[i].deleted)
+            op->kind = CN_MOP_DEL;
+        else {
+            op->kind = CN_MOP_PUT;
+            texts[i] = json_dumps (rows[i].rec, JSON_COMPACT);
+            op->value = texts[i];
+        }
+        opmap[nops++] = i;
+    }
+    size_t failed = 0;
+    rc = nops ? cn_moray_batch (self->moray, ops, nops, &failed) : CN_MORAY_OK;
+    if (rc == CN_MORAY_OK)
+        rc = cn_moray_commit (self->moray);
+    if (rc != CN_MORAY_OK) {
+        out = rc == CN_MORAY_EIO ? RUN_EIO : rc == CN_MORAY_CONFLICT ? RUN_CONFLICT : RUN_ERROR;
+        if (out == RUN_ERROR)
+            CN_ERROR (COMPONENT, "batch failed", "{s:s,s:i}", "error",
+                      cn_moray_errmsg (self->moray), "requests", (int) n);
+    }
+    else {
+        self->rows_written += nops;
+        cn_cache_put_t *puts = calloc (nops ? nops : 1, sizeof *puts);
+        for (size_t k = 0; k < nops; k++) {
+            size_t i = opmap[k];
+            puts[k].uuid = rows[i].uuid;
+            puts[k].version = ops[k].out_id;
+            puts[k].json = texts[i];
+            puts[k].len = texts[i] ? strlen (texts[i]) : 0;
+        }
+        if (nops && cn_redis_cache_apply (self->redis, puts, nops) != 0) {
+            for (size_t k = 0; k < nops && !self->dirty_all; k++) {
+                if (zhashx_size (self->dirty) >= CN_DIRTY_MAX) {
+                    self->dirty_all = true;
+                    zhashx_purge (self->dirty);
+                }
+                else
+                    zhashx_update (self->dirty, puts[k].uuid, (void *) 1);
+            }
+        }
+        free (puts);
+    }
+    for (size_t i = 0; i < nrows; i++)
+        free (texts[i]);
+    free (texts);
+    free (ops);
+    free (opmap);
+done:
+    if (out != RUN_OK) {
+        cn_moray_rollback (self->moray);
+        for (size_t i = 0; i < n; i++)
+            json_decref (res[i].errors);
+        memset (res, 0, n * sizeof *res);
+    }
+    for (size_t i = 0; i < nrows; i++) {
+        json_decref (rows[i].rec);
+        cn_mobj_fini (&objs[i]);
+    }
+    free (objs);
+    free (rows);
+    free (keys);
+    return out;
+}
+
+static int s_retry_timer (zloop_t *loop, int timer_id, void *arg);
+
+static void
+s_schedule_retry (self_t *self)
+{
+    if (self->retry_timer)
+        return;
+    int delay = cn_backoff_ms (self->retry_attempt++, 100, 5000);
+    self->retry_timer = zloop_timer (self->loop, (size_t) (delay > 0 ? delay : 1), 1,
+                                     s_retry_timer, self);
+}
+
+/* Process reqs (taking ownership). AMQP requests that cannot be written now
+ * go to the retry list; HTTP ones are answered with the failure. */
+static void
+s_process (self_t *self, s_req_t **reqs, size_t n)
+{
+    if (n == 0)
+        return;
+    s_res_t *res = calloc (n, sizeof *res);
+    int64_t t0 = cn_mono_us ();
+    s_run_t run = RUN_CONFLICT;
+    /* A conflict means another instance inserted a server we thought new:
+     * run again, the row is there now. Bounded. */
+    for (int attempt = 0; attempt < 5 && run == RUN_CONFLICT; attempt++)
+        run = s_run_batch (self, reqs, n, res);
+    cn_health_set ("moray", run != RUN_EIO);
+    cn_health_set ("redis", cn_redis_connected (self->redis));
+    if (run == RUN_OK) {
+        self->batches++;
+        self->last_batch = n;
+        self->total_batched += n;
+        if (n > self->max_batch_seen)
+            self->max_batch_seen = n;
+        self->last_commit_ms = (double) (cn_mono_us () - t0) / 1000.0;
+        self->retry_attempt = 0;
+        for (size_t i = 0; i < n; i++) {
+            s_reply (self, reqs[i], &res[i]);
+            json_decref (res[i].errors);
+            s_req_destroy (&reqs[i]);
+        }
+        free (res);
+        return;
+    }
+    self->failures++;
+    const char *why = cn_moray_errmsg (self->moray);
+    if (run == RUN_EIO)
+        CN_WARN (COMPONENT, "store unreachable; will retry", "{s:s,s:i}", "error", why ? why : "",
+                 "requests", (int) n);
+    for (size_t i = 0; i < n; i++) {
+        if (reqs[i]->from_http || run == RUN_ERROR) {
+            /* HTTP callers are never held; a batch that fails for a reason
+             * other than reachability is retried one request at a time so one
+             * bad request cannot block the others. */
+            if (!reqs[i]->from_http && n > 1) {
+                zlistx_add_end (self->retry, reqs[i]);
+                continue;
+            }
+            s_res_t r = { 0 };
+            s_fail (&r, 500, "InternalError", "failed",
+                    run == RUN_EIO ? "store unreachable: %s" : "store error: %s", why ? why : "");
+            r.retry = run == RUN_EIO;
+            if (!reqs[i]->from_http)
+                self->rejected++;
+            else
+                self->requests_failed_fast++;
+            s_reply (self, reqs[i], &r);
+            s_req_destroy (&reqs[i]);
+        }
+        else
+            zlistx_add_end (self->retry, reqs[i]);
+    }
+    free (res);
+    if (zlistx_size (self->retry))
+        s_schedule_retry (self);
+}
+
+static void
+s_process_retry_list (self_t *self)
+{
+    size_t max = (size_t) self->cfg->writer_max_batch;
+    bool single = false;
+    while (zlistx_size (self->retry) > 0) {
+        size_t n = zlistx_size (self->retry);
+        if (n > max)
+            n = max;
+        /* after a non-reachability failure, go one by one */
+        if (single)
+            n = 1;
+        s_req_t **reqs = calloc (n, sizeof *reqs);
+        for (size_t i = 0; i < n; i++)
+            reqs[i] = zlistx_detach (self->retry, NULL);
+        uint64_t failures = self->failures;
+        self->retries++;
+        s_process (self, reqs, n);
+        free (reqs);
+        if (self->failures != failures) {
+            if (!cn_moray_connected (self->moray))
+                return;   /* s_process re-queued them and scheduled a retry */
+            single = true;
+        }
+    }
+}
+
+static int
+s_retry_timer (zloop_t *loop, int timer_id, void *arg)
+{
+    self_t *self = arg;
+    self->retry_timer = 0;
+    s_process_retry_list (self);
+    return 0;
+}
+
+static void
+s_cache_maintenance (self_t *self)
+{
+    if (!self->dirty_all && zhashx_size (self->dirty) == 0)
+        return;
+    if (!cn_redis_ok (self->redis))
+        return;
+    int rc;
+    if (self->dirty_all)
+        rc = cn_redis_cache_drop (self->redis, NULL, 0, true);
+    else {
+        zlistx_t *keys = zhashx_keys (self->dirty);
+        size_t n = zlistx_size (keys), i = 0;
+        const char **uuids = calloc (n ? n : 1, sizeof *uuids);
+        for (const char *k = zlistx_first (keys); k; k = zlistx_next (keys))
+            uuids[i++] = k;
+        rc = cn_redis_cache_drop (self->redis, uuids, n, false);
+        free (uuids);
+        zlistx_destroy (&keys);
+    }
+    if (rc == 0) {
+        CN_INFO (COMPONENT, "cache entries written while redis was down dropped", "{s:b,s:i}",
+                 "all", self->dirty_all, "count", (int) zhashx_size (self->dirty));
+        self->dirty_all = false;
+        zhashx_purge (self->dirty);
+    }
+}
+
+static int
+s_on_router (zloop_t *loop, zsock_t *router, void *arg)
+{
+    self_t *self = arg;
+    size_t max = (size_t) self->cfg->writer_max_batch;
+    s_req_t **reqs = calloc (max, sizeof *reqs);
+    size_t n = 0;
+    while (n < max) {
+        zmsg_t *msg = zmsg_recv_nowait (router);
+        if (!msg)
+            break;
+        zframe_t *id = zmsg_pop (msg);
+        zframe_t *body = zmsg_pop (msg);
+        zmsg_destroy (&msg);
+        if (!id || !body) {
+            zframe_destroy (&id);
+            zframe_destroy (&body);
+            continue;
+        }
+        self->received++;
+        s_req_t *req = s_decode (self, id, body);
+        zframe_destroy (&body);
+        if (req)
+            reqs[n++] = req;
+    }
+    /* Keep order: while older AMQP requests wait for a retry, newer AMQP ones
+     * wait behind them; HTTP ones are tried now (they fail fast if the store
+     * is still down). */
+    if (zlistx_size (self->retry) > 0) {
+        size_t k = 0;
+        for (size_t i = 0; i < n; i++) {
+            if (reqs[i]->from_http)
+                reqs[k++] = reqs[i];
+            else
+                zlistx_add_end (self->retry, reqs[i]);
+        }
+        n = k;
+    }
+    s_process (self, reqs, n);
+    free (reqs);
+    s_cache_maintenance (self);
+    return 0;
+}
+
+static int
+s_on_tick (zloop_t *loop, int timer_id, void *arg)
+{
+    self_t *self = arg;
+    s_cache_maintenance (self);
+    /* keep the health flags fresh when idle */
+    if (zlistx_size (self->retry) == 0) {
+        bool up = cn_moray_connected (self->moray) || cn_moray_connect (self->moray) == CN_MORAY_OK;
+        cn_health_set ("moray", up);
+    }
+    bool r = cn_redis_ok (self->redis);
+    if (r) {
+        redisReply *rep = cn_redis_cmd (self->redis, "PING");
+        r = rep != NULL;
+        if (rep)
+            freeReplyObject (rep);
+    }
+    cn_health_set ("redis", r);
+    return 0;
+}
+
+static zframe_t *
+s_status (self_t *self)
+{
+    cn_msgw_t w;
+    cn_msgw_init (&w, "status", 20);
+    cn_msgw_str (&w, "actor", "writer");
+    cn_msgw_str (&w, "state", !self->started ? "stopped"
+                            : zlistx_size (self->retry) ? "backoff" : "running");
+    cn_msgw_bool (&w, "pg", cn_moray_connected (self->moray));
+    cn_msgw_bool (&w, "redis", cn_redis_connected (self->redis));
+    cn_msgw_uint (&w, "queue_depth", zlistx_size (self->retry));
+    cn_msgw_uint (&w, "received", self->received);
+    cn_msgw_uint (&w, "batches", self->batches);
+    cn_msgw_uint (&w, "rows_written", self->rows_written);
+    cn_msgw_uint (&w, "unchanged", self->unchanged);
+    cn_msgw_uint (&w, "stale", self->stale);
+    cn_msgw_uint (&w, "conflicts", self->conflicts);
+    cn_msgw_uint (&w, "rejected", self->rejected);
+    cn_msgw_uint (&w, "failures", self->failures);
+    cn_msgw_uint (&w, "retries", self->retries);
+    cn_msgw_uint (&w, "failed_fast", self->requests_failed_fast);
+    cn_msgw_uint (&w, "last_batch", self->last_batch);
+    cn_msgw_uint (&w, "max_batch", self->max_batch_seen);
+    cn_msgw_double (&w, "avg_batch",
+                    self->batches ? (double) self->total_batched / (double) self->batches : 0.0);
+    cn_msgw_double (&w, "last_commit_ms", self->last_commit_ms);
+    cn_msgw_uint (&w, "cache_dirty", zhashx_size (self->dirty) + (self->dirty_all ? 1 : 0));
+    return cn_msgw_frame (&w);
+}
+
+static int
+s_on_ctl (zloop_t *loop, zsock_t *ctl, void *arg)
+{
+    self_t *self = arg;
+    char *cmd = zstr_recv (ctl);
+    if (!cmd)
+        return 0;
+    zframe_t *f = s_status (self);
+    zframe_send (&f, ctl, 0);
+    zstr_free (&cmd);
+    return 0;
+}
+
+static int
+s_start (self_t *self)
+{
+    self->moray = cn_moray_new (self->cfg->pg_conninfo, self->cfg->pg_timeout_ms);
+    self->redis = cn_redis_new (self->cfg->redis_url, self->cfg->redis_timeout_ms, COMPONENT);
+    self->router = zsock_new (ZMQ_ROUTER);
+    if (!self->moray || !self->redis || !self->router
+        || zsock_bind (self->router, CN_WRITER_ENDPOINT) != 0)
+        return -1;
+    zsock_set_rcvhwm (self->router, 100000);
+    zsock_set_sndhwm (self->router, 100000);
+    self->ctl = cn_ctl_bind ("writer");
+    if (!self->ctl)
+        return -1;
+    zloop_reader (self->loop, self->router, s_on_router, self);
+    zloop_reader (self->loop, self->ctl, s_on_ctl, self);
+    zloop_timer (self->loop, 1000, 0, s_on_tick, self);
+    /* The store may be down at start: that is not fatal, we retry. */
+    if (cn_moray_connect (self->moray) == CN_MORAY_OK) {
+        int rc = cn_moray_put_bucket (self->moray, CN_BUCKET_SERVERS, cn_server_index,
+                                      cn_server_nindex);
+        self->bucket_ready = rc == CN_MORAY_OK;
+        cn_health_set ("moray", true);
+    }
+    else
+        CN_WARN (COMPONENT, "store unreachable at start; will retry", "{s:s}", "error",
+                 cn_moray_errmsg (self->moray));
+    cn_health_set ("redis", cn_redis_ok (self->redis));
+    self->started = true;
+    return 0;
+}
+
+static int
+s_on_pipe (zloop_t *loop, zsock_t *pipe, void *arg)
+{
+    self_t *self = arg;
+    zmsg_t *msg = zmsg_recv (pipe);
+    if (!msg)
+        return -1;
+    char *cmd = zmsg_popstr (msg);
+    int rc = 0;
+    if (!cmd || streq (cmd, "$TERM"))
+        rc = -1;
+    else if (streq (cmd, "START")) {
+        if (self->started)
+            zstr_send (pipe, "OK");
+        else if (s_start (self) == 0)
+            zstr_send (pipe, "OK");
+        else
+            zstr_sendx (pipe, "ERROR", "cannot bind the writer endpoint", NULL);
+    }
+    else if (streq (cmd, "STATUS")) {
+        zframe_t *f = s_status (self);
+        zframe_send (&f, pipe, 0);
+    }
+    else
+        CN_WARN (COMPONENT, "unknown pipe command", "{s:s}", "command", cmd);
+    zstr_free (&cmd);
+    zmsg_destroy (&msg);
+    return rc;
+}
+
+void
+cn_writer_actor (zsock_t *pipe, void *args)
+{
+    self_t *self = calloc (1, sizeof *self);
+    self->cfg = args;
+    self->pipe = pipe;
+    self->loop = zloop_new ();
+    self->retry = zlistx_new ();
+    self->dirty = zhashx_new ();
+    zloop_set_nonstop (self->loop, true);
+    zloop_reader (self->loop, pipe, s_on_pipe, self);
+    zsock_signal (pipe, 0);
+    zloop_start (self->loop);
+
+    /* Leaving: requests still waiting stay unacked at the broker, which
+     * redelivers them to another instance. */
+    if (zlistx_size (self->retry))
+        CN_WARN (COMPONENT, "stopping with requests not written; the broker will redeliver",
+                 "{s:i}", "requests", (int) zlistx_size (self->retry));
+    for (s_req_t *r = zlistx_first (self->retry); r; r = zlistx_next (self->retry))
+        s_req_destroy (&r);
+    zlistx_destroy (&self->retry);
+    zhashx_destroy (&self->dirty);
+    zloop_destroy (&self->loop);
+    zsock_destroy (&self->router);
+    zsock_destroy (&self->ctl);
+    cn_moray_destroy (&self->moray);
+    cn_redis_destroy (&self->redis);
+    free (self);
+}
