@@ -7,6 +7,8 @@
  *   sysinfo_ms      source time of the stored sysinfo (orders racing writers)
  *   last_sysinfo    ms when sysinfo was last received (freshness, see below)
  *   uuid_conflicts  shown in the API: other machines that reported this UUID
+ * and two fields of ours the API does show: admin_ip and agent_port, where
+ * the task router reaches the server's agent (docs/server-record.md).
  *
  * Freshness: unchanged sysinfo writes nothing, except that last_sysinfo is
  * rewritten once it is older than freshness/3, so the stored value is never
@@ -29,7 +31,8 @@ extern const cn_mindex_t cn_server_index[];
 extern const size_t cn_server_nindex;
 
 /* An API error: HTTP status, code, message, and for InvalidParameters the
- * list [{field, code:"Invalid", message}]. */
+ * list [{field, code:"Invalid", message}]. Zero-initialise before first use;
+ * cn_apierr_set leaves errors alone, cn_apierr_fini releases it (idempotent). */
 typedef struct {
     int status;
     const char *code;         /* static string, e.g. "InvalidArgument" */
@@ -70,7 +73,10 @@ typedef enum {
 cn_srv_result_t cn_server_apply_sysinfo (const json_t *existing, const json_t *sysinfo,
                                          const cn_sysinfo_ctx_t *ctx, json_t **out);
 
-/* "running", "unknown" or "rebooting" (from transitional_status). */
+/* "running", "unknown" or "rebooting" (from transitional_status).
+ * running while last_sysinfo is within the freshness window; otherwise
+ * "rebooting" when transitional_status is "rebooting" (as the reference, it
+ * only explains an unreachable server), else "unknown". */
 const char *cn_server_status (const json_t *rec, int64_t now_ms, int freshness_s);
 
 enum {
@@ -78,7 +84,8 @@ enum {
     CN_EXTRA_SYSINFO = 16, CN_EXTRA_CAPACITY = 32, CN_EXTRA_ALL = 63
 };
 
-/* GET /servers query -> what to fetch. params: object of query/body values. */
+/* GET /servers query -> what to fetch. params: object of query/body values
+ * (NULL = none). On error q is left zeroed (cn_server_query_fini is safe). */
 typedef struct {
     char *filter;             /* LDAP filter on cnapi_servers' indexes */
     int64_t limit, offset;
@@ -90,7 +97,9 @@ int cn_server_list_query (const json_t *params, cn_server_query_t *q, cn_apierr_
 void cn_server_query_fini (cn_server_query_t *q);
 
 /* The API view of a record (new reference): full = GET /servers/:uuid,
- * otherwise the list view with extras and fields applied. Adds status. */
+ * otherwise the list view with extras and fields applied. Adds status.
+ * nfields > 0 picks exactly those fields from the full view. NULL when rec
+ * is not an object. */
 json_t *cn_server_render (const json_t *rec, bool full, unsigned extras,
                           char *const *fields, size_t nfields,
                           int64_t now_ms, int freshness_s);
