@@ -44,6 +44,7 @@
 #include <string.h>
 
 #define CN_DIRTY_MAX 100000
+#define LAT_SAMPLES 8192
 #define COMPONENT "writer"
 
 typedef enum { REQ_SYSINFO, REQ_UPDATE, REQ_DELETE } s_kind_t;
@@ -92,6 +93,10 @@ typedef struct {
         failures, requests_failed_fast, retries, max_batch_seen, total_batched;
     uint64_t last_batch;
     double last_commit_ms;
+    /* publish-to-commit latency of the last LAT_SAMPLES sysinfo messages that
+     * carried their source time (sent_ms) */
+    float lat_ms[LAT_SAMPLES];
+    size_t lat_n, lat_next;
 } self_t;
 
 static void
@@ -478,7 +483,14 @@ s_process (self_t *self, s_req_t **reqs, size_t n)
             self->max_batch_seen = n;
         self->last_commit_ms = (double) (cn_mono_us () - t0) / 1000.0;
         self->retry_attempt = 0;
+        int64_t committed_ms = cn_now_ms ();
         for (size_t i = 0; i < n; i++) {
+            if (reqs[i]->kind == REQ_SYSINFO && reqs[i]->sent_ms > 0 && !reqs[i]->from_http) {
+                self->lat_ms[self->lat_next] = (float) (committed_ms - reqs[i]->sent_ms);
+                self->lat_next = (self->lat_next + 1) % LAT_SAMPLES;
+                if (self->lat_n < LAT_SAMPLES)
+                    self->lat_n++;
+            }
             s_reply (self, reqs[i], &res[i]);
             json_decref (res[i].errors);
             s_req_destroy (&reqs[i]);
@@ -648,11 +660,33 @@ s_on_tick (zloop_t *loop, int timer_id, void *arg)
     return 0;
 }
 
+static int
+s_cmp_float (const void *a, const void *b)
+{
+    float x = *(const float *) a, y = *(const float *) b;
+    return x < y ? -1 : x > y ? 1 : 0;
+}
+
+/* p-th percentile (0..100) of the latency samples, 0 when none. */
+static double
+s_latency_pct (const self_t *self, double p)
+{
+    if (self->lat_n == 0)
+        return 0.0;
+    float *copy = malloc (self->lat_n * sizeof *copy);
+    memcpy (copy, self->lat_ms, self->lat_n * sizeof *copy);
+    qsort (copy, self->lat_n, sizeof *copy, s_cmp_float);
+    size_t idx = (size_t) (p / 100.0 * (double) (self->lat_n - 1) + 0.5);
+    double v = copy[idx];
+    free (copy);
+    return v;
+}
+
 static zframe_t *
 s_status (self_t *self)
 {
     cn_msgw_t w;
-    cn_msgw_init (&w, "status", 20);
+    cn_msgw_init (&w, "status", 23);
     cn_msgw_str (&w, "actor", "writer");
     cn_msgw_str (&w, "state", !self->started ? "stopped"
                             : zlistx_size (self->retry) ? "backoff" : "running");
@@ -675,6 +709,9 @@ s_status (self_t *self)
                     self->batches ? (double) self->total_batched / (double) self->batches : 0.0);
     cn_msgw_double (&w, "last_commit_ms", self->last_commit_ms);
     cn_msgw_uint (&w, "cache_dirty", zhashx_size (self->dirty) + (self->dirty_all ? 1 : 0));
+    cn_msgw_uint (&w, "latency_samples", self->lat_n);
+    cn_msgw_double (&w, "publish_to_commit_p50_ms", s_latency_pct (self, 50));
+    cn_msgw_double (&w, "publish_to_commit_p99_ms", s_latency_pct (self, 99));
     return cn_msgw_frame (&w);
 }
 
