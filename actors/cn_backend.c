@@ -1,1 +1,1193 @@
-/* placeholder: being written */
+/*
+ * cn_backend: a worker behind the HTTP gateway (include/cn_backend.h).
+ *
+ * Theory of operation
+ *
+ * The gateway's h2o thread must never wait on anything but its own sockets,
+ * so everything that touches the store, the cache or the state writer happens
+ * here. A backend is a plain zloop actor with three sockets:
+ *
+ *   PULL    requests from the gateway (proto/backend.md), round-robined by
+ *           ZeroMQ between the backends;
+ *   DEALER  to the state writer (proto/writer.md) for writes;
+ *   pipe    main's commands.
+ *
+ * Reads (ping, GET /servers, GET /servers/:uuid) are answered at once: this
+ * thread blocks on PostgreSQL or Redis for at most their configured timeouts.
+ * Writes are checked here first (everything the reference checks before it
+ * touches the store: the body, the uuid, that the server exists, the
+ * parameters), then handed to the writer with a tag; the writer answers with
+ * a "result" after the commit, and only then does the HTTP caller get its
+ * answer ("persist, then reply"). A write the writer has not answered within
+ * a bound is answered 503 so no caller is held forever.
+ *
+ * Parameter handling follows restify as the reference uses it: the route's
+ * :server_uuid first, then the query string, then a JSON body; a later source
+ * only fills a name whose earlier value is falsy (JavaScript truthiness).
+ */
+#include "cn_backend.h"
+
+#include <inttypes.h>
+#include <stdarg.h>
+#include <string.h>
+
+#include "cn_actor.h"
+#include "cn_health.h"
+#include "cn_log.h"
+#include "cn_moray.h"
+#include "cn_msg.h"
+#include "cn_redis.h"
+#include "cn_server.h"
+#include "cn_util.h"
+
+#define COMPONENT "backend"
+#define CT_JSON "application/json"
+
+/* A write waiting for the writer's "result". */
+typedef struct {
+    uint64_t tag;
+    uint64_t id;              /* the gateway's request id */
+    int64_t sent_us;
+    char req_id[64];
+    char uuid[37];
+    const char *op;           /* static: "update_server", ... */
+} wreq_t;
+
+typedef struct {
+    const cn_config_t *cfg;
+    cn_backend_args_t *args;
+    zsock_t *pipe;
+    zsock_t *pull;
+    zsock_t *writer;
+    zloop_t *loop;
+    int sweep_timer;
+    bool started;
+    cn_moray_t *moray;
+    cn_redis_t *redis;
+    zhashx_t *wpending;       /* "tag" -> wreq_t */
+    uint64_t next_tag;
+    int64_t write_timeout_us;
+    char component[32];
+    /* counters for STATUS */
+    uint64_t requests, replies_2xx, replies_4xx, replies_5xx;
+    uint64_t cache_hits, cache_misses, store_reads, writes_sent, write_timeouts;
+} backend_t;
+
+/* ------------------------------------------------------------------ */
+/* Replies                                                              */
+
+cn_backend_reply_t *
+cn_backend_reply_new (uint64_t id)
+{
+    cn_backend_reply_t *r = calloc (1, sizeof *r);
+    if (!r)
+        abort ();
+    r->id = id;
+    return r;
+}
+
+void
+cn_backend_reply_free (cn_backend_reply_t **p)
+{
+    if (!p || !*p)
+        return;
+    cn_backend_reply_t *r = *p;
+    free (r->body);
+    free (r->view);
+    if (r->status_rec)
+        json_decref (r->status_rec);
+    free (r);
+    *p = NULL;
+}
+
+json_t *
+cn_backend_status_inputs (const json_t *rec)
+{
+    /* Status derives from the record's scalar fields (timestamps, setup,
+     * transitional_status); the large members (sysinfo, vms, agents, ...)
+     * are objects or arrays. Keeping only scalars makes a near-cache entry
+     * small; the backend checks at fill time that this copy yields the same
+     * status as the whole record before the gateway may cache it. */
+    json_t *out = json_object ();
+    const char *key;
+    json_t *val;
+    if (!out)
+        abort ();
+    json_object_foreach ((json_t *) rec, key, val) {
+        if (!json_is_object (val) && !json_is_array (val))
+            json_object_set (out, key, val);
+    }
+    return out;
+}
+
+size_t
+cn_backend_splice_status (char *out, const char *status, const char *view, size_t view_len)
+{
+    size_t sl = strlen (status);
+    char *o = out;
+    memcpy (o, "{\"status\":\"", 11);
+    o += 11;
+    memcpy (o, status, sl);
+    o += sl;
+    *o++ = '"';
+    if (view_len > 2) {
+        *o++ = ',';
+        memcpy (o, view + 1, view_len - 1);
+        o += view_len - 1;
+    }
+    else
+        *o++ = '}';
+    *o = 0;
+    return (size_t) (o - out);
+}
+
+static void
+s_count (backend_t *self, int status)
+{
+    if (status >= 500)
+        self->replies_5xx++;
+    else if (status >= 400)
+        self->replies_4xx++;
+    else
+        self->replies_2xx++;
+}
+
+/* Hand r to the gateway's loop; the gateway owns it from here. */
+static void
+s_send (backend_t *self, cn_backend_reply_t *r)
+{
+    s_count (self, r->status);
+    h2o_multithread_send_message (self->args->receiver, &r->super);
+}
+
+/* Reply with body (taken over; may be NULL). */
+static void
+s_reply (backend_t *self, uint64_t id, int status, char *body, size_t len)
+{
+    cn_backend_reply_t *r = cn_backend_reply_new (id);
+    r->status = status;
+    r->body = body;
+    r->len = body ? len : 0;
+    r->ctype = body ? CT_JSON : NULL;
+    s_send (self, r);
+}
+
+static void
+s_reply_apierr (backend_t *self, uint64_t id, const char *req_id, const cn_apierr_t *e)
+{
+    char *body = cn_apierr_body (e);
+    if (e->status >= 500)
+        CN_WARN (self->component, "request failed", "{s:s?,s:i,s:s?,s:s}",
+                 "req_id", req_id, "status", e->status, "code", e->code,
+                 "message", e->message);
+    s_reply (self, id, e->status, body, body ? strlen (body) : 0);
+}
+
+static void
+s_reply_error (backend_t *self, uint64_t id, const char *req_id, int status,
+               const char *code, const char *fmt, ...)
+{
+    cn_apierr_t e;
+    memset (&e, 0, sizeof e);
+    e.status = status;
+    e.code = code;
+    va_list ap;
+    va_start (ap, fmt);
+    vsnprintf (e.message, sizeof e.message, fmt, ap);
+    va_end (ap);
+    s_reply_apierr (self, id, req_id, &e);
+}
+
+/* ------------------------------------------------------------------ */
+/* Parameters: query string, then body (restify's queryParser and        */
+/* bodyParser with mapParams)                                            */
+
+static int
+s_hex (int c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+/* Percent-decode (and '+' -> ' ') into a fresh string. */
+static char *
+s_urldecode (const char *s, size_t len)
+{
+    char *out = malloc (len + 1);
+    size_t o = 0;
+    if (!out)
+        abort ();
+    for (size_t i = 0; i < len; i++) {
+        int hi, lo;
+        if (s[i] == '+')
+            out[o++] = ' ';
+        else
+        if (s[i] == '%' && i + 2 < len
+            && (hi = s_hex (s[i + 1])) >= 0 && (lo = s_hex (s[i + 2])) >= 0) {
+            out[o++] = (char) (hi * 16 + lo);
+            i += 2;
+        }
+        else
+            out[o++] = s[i];
+    }
+    out[o] = 0;
+    return out;
+}
+
+/* JavaScript truthiness of a parameter value. */
+static bool
+s_truthy (const json_t *v)
+{
+    if (!v || json_is_null (v) || json_is_false (v))
+        return false;
+    if (json_is_string (v))
+        return json_string_length (v) > 0;
+    if (json_is_integer (v))
+        return json_integer_value (v) != 0;
+    if (json_is_real (v))
+        return json_real_value (v) != 0.0;
+    return true;
+}
+
+/* Set key unless a truthy value is already there; a repeated name within
+ * one query string becomes an array of its values (as qs does). */
+static void
+s_param_set (json_t *params, const char *key, json_t *val, bool same_source)
+{
+    json_t *cur = json_object_get (params, key);
+    if (cur && same_source) {
+        if (json_is_array (cur))
+            json_array_append_new (cur, val);
+        else {
+            json_t *arr = json_array ();
+            json_array_append (arr, cur);
+            json_array_append_new (arr, val);
+            json_object_set_new (params, key, arr);
+        }
+        return;
+    }
+    if (cur && s_truthy (cur)) {
+        json_decref (val);
+        return;
+    }
+    json_object_set_new (params, key, val);
+}
+
+/* Parse a=b&c=d into params. */
+static void
+s_parse_form (json_t *params, const char *q, size_t len)
+{
+    json_t *seen = json_object ();      /* names set by this source */
+    size_t i = 0;
+    while (i < len) {
+        size_t j = i;
+        while (j < len && q[j] != '&')
+            j++;
+        if (j > i) {
+            const char *eq = memchr (q + i, '=', j - i);
+            size_t klen = eq ? (size_t) (eq - (q + i)) : j - i;
+            char *key = s_urldecode (q + i, klen);
+            char *val = eq ? s_urldecode (eq + 1, (size_t) (q + j - eq - 1)) : strdup ("");
+            if (*key) {
+                bool again = json_object_get (seen, key) != NULL;
+                s_param_set (params, key, json_string (val), again);
+                json_object_set_new (seen, key, json_true ());
+            }
+            free (key);
+            free (val);
+        }
+        i = j + 1;
+    }
+    json_decref (seen);
+}
+
+static bool
+s_ctype_is (const char *ctype, size_t len, const char *want)
+{
+    size_t n = strlen (want);
+    if (len < n || strncasecmp (ctype, want, n) != 0)
+        return false;
+    return len == n || ctype[n] == ';' || ctype[n] == ' ';
+}
+
+static bool
+s_ctype_json (const char *ctype, size_t len)
+{
+    if (!ctype)
+        return true;            /* no Content-Type: take the body as JSON */
+    if (s_ctype_is (ctype, len, "application/json"))
+        return true;
+    /* application/<something>+json */
+    size_t end = 0;
+    while (end < len && ctype[end] != ';')
+        end++;
+    while (end > 0 && ctype[end - 1] == ' ')
+        end--;
+    return end >= 5 && strncasecmp (ctype + end - 5, "+json", 5) == 0;
+}
+
+/* The request's parameters: query, then body. NULL with e set (400) when
+ * the body is not acceptable JSON. The route's server_uuid is not included
+ * (it wins over any other source, as in restify). */
+static json_t *
+s_params (const cn_msg_t *m, cn_apierr_t *e)
+{
+    json_t *params = json_object ();
+    size_t qlen = 0, blen = 0, clen = 0;
+    const char *q = cn_msg_str (m, "query", &qlen);
+    const char *body = cn_msg_str (m, "body", &blen);
+    const char *ctype = cn_msg_str (m, "ctype", &clen);
+    if (!params)
+        abort ();
+    if (q && qlen)
+        s_parse_form (params, q, qlen);
+
+    if (body && blen) {
+        if (s_ctype_json (ctype, clen)) {
+            json_error_t jerr;
+            json_t *b = json_loadb (body, blen, JSON_DECODE_ANY | JSON_ALLOW_NUL, &jerr);
+            if (!b) {
+                cn_apierr_set (e, 400, "InvalidContent", "Invalid JSON: %s", jerr.text);
+                json_decref (params);
+                return NULL;
+            }
+            if (!json_is_object (b)) {
+                cn_apierr_set (e, 400, "InvalidContent",
+                               "Invalid JSON: the body must be a JSON object");
+                json_decref (b);
+                json_decref (params);
+                return NULL;
+            }
+            const char *key;
+            json_t *val;
+            json_object_foreach (b, key, val)
+                s_param_set (params, key, json_incref (val), false);
+            json_decref (b);
+        }
+        else
+        if (s_ctype_is (ctype, clen, "application/x-www-form-urlencoded"))
+            s_parse_form (params, body, blen);
+        /* any other content type: the body is not parameters (restify) */
+    }
+    json_object_del (params, "server_uuid");
+    return params;
+}
+
+/* Strict endpoints: any name outside allowed -> 409 InvalidArgument. */
+static bool
+s_strict (const json_t *params, const char *const *allowed, cn_apierr_t *e)
+{
+    const char *key;
+    json_t *val;
+    json_object_foreach ((json_t *) params, key, val) {
+        bool ok = strcmp (key, "server_uuid") == 0;
+        for (size_t i = 0; !ok && allowed && allowed[i]; i++)
+            ok = strcmp (key, allowed[i]) == 0;
+        if (!ok) {
+            cn_apierr_set (e, 409, "InvalidArgument",
+                           "%s is not an explicitly defined parameter", key);
+            return false;
+        }
+    }
+    return true;
+}
+
+/* ------------------------------------------------------------------ */
+/* Loading one server: the Redis cache, then the store                  */
+
+/* 0 with *rec (and *version) set; -1 with e set (404, 500). */
+static int
+s_load (backend_t *self, const char *uuid, json_t **rec, int64_t *version,
+        cn_apierr_t *e)
+{
+    bool cache_ok = false;
+    *rec = NULL;
+    if (cn_redis_ok (self->redis)) {
+        char *json = NULL;
+        size_t len = 0;
+        int64_t v = 0;
+        int rc = cn_redis_cache_get (self->redis, uuid, &json, &len, &v);
+        if (rc == 1) {
+            json_error_t jerr;
+            json_t *r = json_loadb (json, len, 0, &jerr);
+            free (json);
+            if (r && json_is_object (r)) {
+                self->cache_hits++;
+                *rec = r;
+                *version = v;
+                return 0;
+            }
+            if (r)
+                json_decref (r);
+            CN_WARN (self->component, "cached server record is not a JSON object",
+                     "{s:s,s:s}", "server_uuid", uuid, "error", jerr.text);
+        }
+        else
+        if (rc == 2) {
+            self->cache_hits++;
+            cn_apierr_set (e, 404, "ResourceNotFound", "Server %s not found", uuid);
+            return -1;
+        }
+        cache_ok = rc == 0;
+    }
+    self->cache_misses++;
+    self->store_reads++;
+
+    cn_mobj_t o;
+    memset (&o, 0, sizeof o);
+    int rc = cn_moray_get (self->moray, CN_BUCKET_SERVERS, uuid, &o);
+    if (rc == CN_MORAY_NOTFOUND) {
+        cn_apierr_set (e, 404, "ResourceNotFound", "Server %s not found", uuid);
+        return -1;
+    }
+    if (rc == CN_MORAY_EIO) {
+        cn_apierr_set (e, 500, "InternalError", "the store is unreachable: %s",
+                       cn_moray_errmsg (self->moray));
+        return -1;
+    }
+    if (rc != CN_MORAY_OK) {
+        cn_apierr_set (e, 500, "InternalError", "store error: %s",
+                       cn_moray_errmsg (self->moray));
+        return -1;
+    }
+    json_error_t jerr;
+    json_t *r = json_loadb (o.value, o.value_len, 0, &jerr);
+    if (!r || !json_is_object (r)) {
+        if (r)
+            json_decref (r);
+        cn_apierr_set (e, 500, "InternalError", "stored server record is not a JSON object");
+        cn_mobj_fini (&o);
+        return -1;
+    }
+    /* Refill the shared cache; the version (_id) keeps a late fill from
+     * overwriting a newer write (the cache's apply script compares). */
+    if (cache_ok) {
+        cn_cache_put_t put = { uuid, o.id, o.value, o.value_len };
+        if (cn_redis_cache_apply (self->redis, &put, 1) != 0)
+            CN_DEBUG (self->component, "cache refill failed", "{s:s}", "server_uuid", uuid);
+    }
+    *rec = r;
+    *version = o.id;
+    cn_mobj_fini (&o);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Operations                                                           */
+
+typedef struct {
+    uint64_t id;
+    const char *req_id;       /* points into the message */
+    char req_id_buf[64];
+    char uuid[37];
+} rctx_t;
+
+/* Common start for /servers/:uuid routes: params, then the uuid.
+ * Returns params or NULL when an answer was already sent. */
+static json_t *
+s_begin_server (backend_t *self, const cn_msg_t *m, rctx_t *c)
+{
+    cn_apierr_t e;
+    memset (&e, 0, sizeof e);
+    json_t *params = s_params (m, &e);
+    if (!params) {
+        s_reply_apierr (self, c->id, c->req_id, &e);
+        cn_apierr_fini (&e);
+        return NULL;
+    }
+    size_t ulen = 0;
+    const char *raw = cn_msg_str (m, "uuid", &ulen);
+    char tmp[64];
+    if (!raw || ulen >= sizeof tmp) {
+        json_decref (params);
+        s_reply_error (self, c->id, c->req_id, 409, "InvalidArgument",
+                       "Invalid server UUID");
+        return NULL;
+    }
+    memcpy (tmp, raw, ulen);
+    tmp[ulen] = 0;
+    if (!cn_uuid_normalize (tmp, c->uuid)) {
+        json_decref (params);
+        s_reply_error (self, c->id, c->req_id, 409, "InvalidArgument",
+                       "Invalid server UUID: %s", tmp);
+        return NULL;
+    }
+    return params;
+}
+
+static void
+s_op_ping (backend_t *self, const cn_msg_t *m, rctx_t *c)
+{
+    /* moray: a real round trip (a point read) bounded by the statement
+     * timeout; only "unreachable" counts as offline. */
+    cn_mobj_t o;
+    memset (&o, 0, sizeof o);
+    int rc = cn_moray_get (self->moray, CN_BUCKET_SERVERS, "00000000-0000-0000-0000-000000000000", &o);
+    if (rc == CN_MORAY_OK)
+        cn_mobj_fini (&o);
+    bool moray = rc != CN_MORAY_EIO;
+
+    bool redis = false;
+    if (cn_redis_ok (self->redis)) {
+        redisReply *r = cn_redis_cmd (self->redis, "PING");
+        if (r) {
+            redis = r->type == REDIS_REPLY_STATUS && r->str && strcmp (r->str, "PONG") == 0;
+            freeReplyObject (r);
+        }
+    }
+    bool amqp = cn_health_get ("amqp");
+
+    json_t *body = json_pack ("{s:b,s:{s:s,s:s,s:s}}",
+                              "ready", moray && amqp && redis,
+                              "services",
+                              "moray", moray ? "online" : "offline",
+                              "amqp", amqp ? "online" : "offline",
+                              "redis", redis ? "online" : "offline");
+    char *text = json_dumps (body, CN_BACKEND_JSON_FLAGS);
+    json_decref (body);
+    s_reply (self, c->id, 200, text, text ? strlen (text) : 0);
+}
+
+static void
+s_op_server_get (backend_t *self, const cn_msg_t *m, rctx_t *c)
+{
+    json_t *params = s_begin_server (self, m, c);
+    if (!params)
+        return;
+    cn_apierr_t e;
+    memset (&e, 0, sizeof e);
+    json_t *rec = NULL;
+    int64_t version = 0;
+    if (s_load (self, c->uuid, &rec, &version, &e) != 0
+        || !s_strict (params, NULL, &e)) {
+        s_reply_apierr (self, c->id, c->req_id, &e);
+        cn_apierr_fini (&e);
+        json_decref (params);
+        if (rec)
+            json_decref (rec);
+        return;
+    }
+    json_decref (params);
+
+    int64_t now = cn_now_ms ();
+    int fresh = self->cfg->sysinfo_freshness_s;
+    json_t *view = cn_server_render (rec, true, 0, NULL, 0, now, fresh);
+    const char *st = cn_server_status (rec, now, fresh);
+    char *text = NULL;
+    if (view) {
+        /* The body is built as the gateway's near cache builds it (status
+         * first, then the rest of the view), so both paths answer the same
+         * bytes. */
+        json_object_del (view, "status");
+        text = json_dumps (view, CN_BACKEND_JSON_FLAGS);
+    }
+    if (!text || text[0] != '{' || !st) {
+        free (text);
+        if (view)
+            json_decref (view);
+        json_decref (rec);
+        s_reply_error (self, c->id, c->req_id, 500, "InternalError",
+                       "could not render server %s", c->uuid);
+        return;
+    }
+    size_t vlen = strlen (text);
+    cn_backend_reply_t *r = cn_backend_reply_new (c->id);
+    r->status = 200;
+    r->ctype = CT_JSON;
+    r->body = malloc (vlen + strlen (st) + 16);
+    if (!r->body)
+        abort ();
+    r->len = cn_backend_splice_status (r->body, st, text, vlen);
+
+    bool fill = false;
+    if (cn_msg_bool (m, "fill", &fill) && fill) {
+        /* The near cache keeps the view without status and recomputes the
+         * status per response from a small copy of the record; cache only
+         * when that copy gives the same status as the whole record. */
+        json_t *inputs = cn_backend_status_inputs (rec);
+        const char *st_small = cn_server_status (inputs, now, fresh);
+        if (st_small && strcmp (st, st_small) == 0) {
+            r->fill = true;
+            r->view = text;
+            r->view_len = vlen;
+            text = NULL;
+            r->version = version;
+            memcpy (r->uuid, c->uuid, sizeof r->uuid);
+            r->status_rec = inputs;
+            inputs = NULL;
+        }
+        if (inputs)
+            json_decref (inputs);
+    }
+    free (text);
+    json_decref (view);
+    json_decref (rec);
+    s_send (self, r);
+}
+
+/* Growing text buffer for the list body. */
+typedef struct {
+    char *data;
+    size_t len, cap;
+} sbuf_t;
+
+static void
+s_sbuf_add (sbuf_t *b, const char *s, size_t n)
+{
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 4096;
+        while (cap < b->len + n + 1)
+            cap *= 2;
+        char *d = realloc (b->data, cap);
+        if (!d)
+            abort ();
+        b->data = d;
+        b->cap = cap;
+    }
+    memcpy (b->data + b->len, s, n);
+    b->len += n;
+    b->data[b->len] = 0;
+}
+
+typedef struct {
+    backend_t *self;
+    const cn_server_query_t *q;
+    sbuf_t out;
+    size_t count;
+    int64_t now;
+} list_ctx_t;
+
+static int
+s_list_row (const cn_mobj_t *obj, void *arg)
+{
+    list_ctx_t *lc = arg;
+    json_error_t jerr;
+    json_t *rec = json_loadb (obj->value, obj->value_len, 0, &jerr);
+    if (!rec || !json_is_object (rec)) {
+        if (rec)
+            json_decref (rec);
+        CN_WARN (lc->self->component, "stored server record is not a JSON object",
+                 "{s:s}", "server_uuid", obj->key);
+        return 0;
+    }
+    json_t *view = cn_server_render (rec, false, lc->q->extras, lc->q->fields,
+                                     lc->q->nfields, lc->now,
+                                     lc->self->cfg->sysinfo_freshness_s);
+    json_decref (rec);
+    if (!view)
+        return 0;
+    char *text = json_dumps (view, CN_BACKEND_JSON_FLAGS);
+    json_decref (view);
+    if (text) {
+        if (lc->count++)
+            s_sbuf_add (&lc->out, ",", 1);
+        s_sbuf_add (&lc->out, text, strlen (text));
+        free (text);
+    }
+    return 0;
+}
+
+static void
+s_op_server_list (backend_t *self, const cn_msg_t *m, rctx_t *c)
+{
+    cn_apierr_t e;
+    memset (&e, 0, sizeof e);
+    json_t *params = s_params (m, &e);
+    cn_server_query_t q;
+    memset (&q, 0, sizeof q);
+    if (!params || cn_server_list_query (params, &q, &e) != 0) {
+        s_reply_apierr (self, c->id, c->req_id, &e);
+        cn_apierr_fini (&e);
+        if (params)
+            json_decref (params);
+        cn_server_query_fini (&q);
+        return;
+    }
+    json_decref (params);
+
+    list_ctx_t lc;
+    memset (&lc, 0, sizeof lc);
+    lc.self = self;
+    lc.q = &q;
+    lc.now = cn_now_ms ();
+    s_sbuf_add (&lc.out, "[", 1);
+    cn_mfind_opts_t opts = { .limit = q.limit, .offset = q.offset, .sort = "_key" };
+    self->store_reads++;
+    int rc = cn_moray_find (self->moray, CN_BUCKET_SERVERS,
+                            q.filter ? q.filter : "(_key=*)", &opts, s_list_row, &lc);
+    cn_server_query_fini (&q);
+    if (rc == CN_MORAY_EIO) {
+        free (lc.out.data);
+        s_reply_error (self, c->id, c->req_id, 500, "InternalError",
+                       "the store is unreachable: %s", cn_moray_errmsg (self->moray));
+        return;
+    }
+    if (rc != CN_MORAY_OK) {
+        free (lc.out.data);
+        s_reply_error (self, c->id, c->req_id, 500, "InternalError",
+                       "store error: %s", cn_moray_errmsg (self->moray));
+        return;
+    }
+    s_sbuf_add (&lc.out, "]", 1);
+    s_reply (self, c->id, 200, lc.out.data, lc.out.len);
+}
+
+/* Queue a write for the writer; the answer comes with its "result". */
+static void
+s_write (backend_t *self, rctx_t *c, const char *op, const char *params_text,
+         const char *sysinfo_text, size_t sysinfo_len)
+{
+    wreq_t *w = calloc (1, sizeof *w);
+    if (!w)
+        abort ();
+    w->tag = ++self->next_tag;
+    w->id = c->id;
+    w->sent_us = cn_mono_us ();
+    w->op = op;
+    snprintf (w->req_id, sizeof w->req_id, "%s", c->req_id ? c->req_id : "");
+    memcpy (w->uuid, c->uuid, sizeof w->uuid);
+
+    cn_msgw_t mw;
+    if (strcmp (op, "update_server") == 0) {
+        cn_msgw_init (&mw, op, 3);
+        cn_msgw_uint (&mw, "tag", w->tag);
+        cn_msgw_str (&mw, "uuid", c->uuid);
+        cn_msgw_str (&mw, "params", params_text);
+    }
+    else
+    if (strcmp (op, "sysinfo") == 0) {
+        cn_msgw_init (&mw, op, 4);
+        cn_msgw_uint (&mw, "tag", w->tag);
+        cn_msgw_str (&mw, "uuid", c->uuid);
+        cn_msgw_strn (&mw, "sysinfo", sysinfo_text, sysinfo_len);
+        cn_msgw_str (&mw, "source", "http");
+    }
+    else {
+        cn_msgw_init (&mw, op, 2);
+        cn_msgw_uint (&mw, "tag", w->tag);
+        cn_msgw_str (&mw, "uuid", c->uuid);
+    }
+    zframe_t *f = cn_msgw_frame (&mw);
+    if (zframe_send (&f, self->writer, ZFRAME_DONTWAIT) != 0) {
+        zframe_destroy (&f);
+        free (w);
+        s_reply_error (self, c->id, c->req_id, 503, "ServiceUnavailable",
+                       "the state writer is not accepting requests");
+        return;
+    }
+    char key[24];
+    snprintf (key, sizeof key, "%" PRIu64, w->tag);
+    zhashx_insert (self->wpending, key, w);
+    self->writes_sent++;
+}
+
+static void
+s_op_server_update (backend_t *self, const cn_msg_t *m, rctx_t *c)
+{
+    json_t *params = s_begin_server (self, m, c);
+    if (!params)
+        return;
+    cn_apierr_t e;
+    memset (&e, 0, sizeof e);
+    json_t *rec = NULL;
+    int64_t version = 0;
+    /* The reference loads the server first (404), then checks parameters
+     * (409 unknown, 500 InvalidParameters); check on a scratch copy so
+     * nothing reaches the writer that it would refuse anyway. */
+    if (s_load (self, c->uuid, &rec, &version, &e) != 0
+        || cn_server_update (rec, params, cn_now_ms (), &e) != 0) {
+        s_reply_apierr (self, c->id, c->req_id, &e);
+        cn_apierr_fini (&e);
+        json_decref (params);
+        if (rec)
+            json_decref (rec);
+        return;
+    }
+    json_decref (rec);
+    char *text = json_dumps (params, JSON_COMPACT);
+    json_decref (params);
+    s_write (self, c, "update_server", text, NULL, 0);
+    free (text);
+}
+
+static void
+s_op_server_delete (backend_t *self, const cn_msg_t *m, rctx_t *c)
+{
+    json_t *params = s_begin_server (self, m, c);
+    if (!params)
+        return;
+    cn_apierr_t e;
+    memset (&e, 0, sizeof e);
+    json_t *rec = NULL;
+    int64_t version = 0;
+    if (s_load (self, c->uuid, &rec, &version, &e) != 0
+        || !s_strict (params, NULL, &e)) {
+        s_reply_apierr (self, c->id, c->req_id, &e);
+        cn_apierr_fini (&e);
+        json_decref (params);
+        if (rec)
+            json_decref (rec);
+        return;
+    }
+    json_decref (rec);
+    json_decref (params);
+    s_write (self, c, "delete_server", NULL, NULL, 0);
+}
+
+static const char *
+s_js_type (const json_t *v)
+{
+    if (!v)
+        return "[object Undefined]";
+    switch (json_typeof (v)) {
+        case JSON_OBJECT: return "[object Object]";
+        case JSON_ARRAY: return "[object Array]";
+        case JSON_STRING: return "[object String]";
+        case JSON_INTEGER:
+        case JSON_REAL: return "[object Number]";
+        case JSON_TRUE:
+        case JSON_FALSE: return "[object Boolean]";
+        default: return "[object Null]";
+    }
+}
+
+static void
+s_op_server_sysinfo (backend_t *self, const cn_msg_t *m, rctx_t *c)
+{
+    static const char *const allowed[] = { "sysinfo", NULL };
+    json_t *params = s_begin_server (self, m, c);
+    if (!params)
+        return;
+    cn_apierr_t e;
+    memset (&e, 0, sizeof e);
+    if (!s_strict (params, allowed, &e)) {
+        s_reply_apierr (self, c->id, c->req_id, &e);
+        cn_apierr_fini (&e);
+        json_decref (params);
+        return;
+    }
+    json_t *si = json_object_get (params, "sysinfo");
+    if (!json_is_object (si)) {
+        cn_apierr_set (&e, 500, "InvalidParameters", "Request parameters failed validation");
+        char msg[96];
+        snprintf (msg, sizeof msg, "value is not an object. (was: %s)", s_js_type (si));
+        e.errors = json_pack ("[{s:s,s:s,s:s}]", "field", "sysinfo", "code", "Invalid",
+                              "message", msg);
+        s_reply_apierr (self, c->id, c->req_id, &e);
+        cn_apierr_fini (&e);
+        json_decref (params);
+        return;
+    }
+    char *text = json_dumps (si, JSON_COMPACT);
+    json_decref (params);
+    if (!text) {
+        s_reply_error (self, c->id, c->req_id, 500, "InternalError", "out of memory");
+        return;
+    }
+    size_t len = strlen (text);
+    json_t *parsed = NULL;
+    char err[256] = "";
+    if (cn_sysinfo_parse (text, len, c->uuid, &parsed, err, sizeof err) != 0) {
+        free (text);
+        s_reply_error (self, c->id, c->req_id, 409, "InvalidArgument", "%s", err);
+        return;
+    }
+    json_decref (parsed);
+    s_write (self, c, "sysinfo", NULL, text, len);
+    free (text);
+}
+
+/* ------------------------------------------------------------------ */
+/* Sockets                                                              */
+
+static int
+s_on_request (zloop_t *loop, zsock_t *sock, void *arg)
+{
+    backend_t *self = arg;
+    zframe_t *f = zframe_recv (sock);
+    if (!f)
+        return 0;
+    cn_msg_t m;
+    char err[128];
+    if (cn_msg_parse (&m, zframe_data (f), zframe_size (f), err, sizeof err) != 0) {
+        CN_ERROR (self->component, "bad request from the gateway", "{s:s}", "error", err);
+        zframe_destroy (&f);
+        return 0;
+    }
+    rctx_t c;
+    memset (&c, 0, sizeof c);
+    uint64_t id = 0;
+    if (!cn_msg_uint (&m, "id", &id)) {
+        CN_ERROR (self->component, "gateway request without an id", NULL);
+        cn_msg_fini (&m);
+        zframe_destroy (&f);
+        return 0;
+    }
+    c.id = id;
+    size_t rlen = 0;
+    const char *rid = cn_msg_str (&m, "req_id", &rlen);
+    if (rid) {
+        if (rlen >= sizeof c.req_id_buf)
+            rlen = sizeof c.req_id_buf - 1;
+        memcpy (c.req_id_buf, rid, rlen);
+        c.req_id_buf[rlen] = 0;
+        c.req_id = c.req_id_buf;
+    }
+    self->requests++;
+
+    if (cn_msg_is (&m, "server_get"))
+        s_op_server_get (self, &m, &c);
+    else
+    if (cn_msg_is (&m, "server_list"))
+        s_op_server_list (self, &m, &c);
+    else
+    if (cn_msg_is (&m, "ping"))
+        s_op_ping (self, &m, &c);
+    else
+    if (cn_msg_is (&m, "server_update"))
+        s_op_server_update (self, &m, &c);
+    else
+    if (cn_msg_is (&m, "server_delete"))
+        s_op_server_delete (self, &m, &c);
+    else
+    if (cn_msg_is (&m, "server_sysinfo"))
+        s_op_server_sysinfo (self, &m, &c);
+    else {
+        CN_ERROR (self->component, "unknown gateway request type", "{s:s%}",
+                  "type", m.type, m.type_len);
+        s_reply_error (self, c.id, c.req_id, 500, "InternalError", "unknown request type");
+    }
+    cn_msg_fini (&m);
+    zframe_destroy (&f);
+    return 0;
+}
+
+static int
+s_on_writer (zloop_t *loop, zsock_t *sock, void *arg)
+{
+    backend_t *self = arg;
+    zframe_t *f = zframe_recv (sock);
+    if (!f)
+        return 0;
+    cn_msg_t m;
+    char err[128];
+    if (cn_msg_parse (&m, zframe_data (f), zframe_size (f), err, sizeof err) != 0) {
+        CN_ERROR (self->component, "bad message from the writer", "{s:s}", "error", err);
+        zframe_destroy (&f);
+        return 0;
+    }
+    uint64_t tag = 0;
+    char key[24];
+    wreq_t *w = NULL;
+    if (cn_msg_is (&m, "result") && cn_msg_uint (&m, "tag", &tag)) {
+        snprintf (key, sizeof key, "%" PRIu64, tag);
+        w = zhashx_lookup (self->wpending, key);
+    }
+    if (!w) {
+        /* timed out already, or not ours */
+        cn_msg_fini (&m);
+        zframe_destroy (&f);
+        return 0;
+    }
+    bool ok = false;
+    uint64_t status = 500;
+    cn_msg_bool (&m, "ok", &ok);
+    cn_msg_uint (&m, "status", &status);
+    if (status < 100 || status > 599)
+        status = ok ? 200 : 500;
+    if (ok)
+        s_reply (self, w->id, (int) status, NULL, 0);
+    else {
+        cn_apierr_t e;
+        memset (&e, 0, sizeof e);
+        e.status = (int) status;
+        char *code = cn_msg_strdup (&m, "code");
+        char *msg = cn_msg_strdup (&m, "message");
+        e.code = code ? code : "InternalError";
+        snprintf (e.message, sizeof e.message, "%s", msg ? msg : "the write failed");
+        const msgpack_object *errs = cn_msg_get (&m, "errors");
+        if (errs && errs->type == MSGPACK_OBJECT_ARRAY)
+            e.errors = cn_msgpack_to_json (errs);
+        s_reply_apierr (self, w->id, w->req_id, &e);
+        e.code = NULL;
+        cn_apierr_fini (&e);
+        free (code);
+        free (msg);
+    }
+    CN_DEBUG (self->component, "write answered", "{s:s,s:s,s:s,s:i,s:f}",
+              "req_id", w->req_id, "op", w->op, "server_uuid", w->uuid,
+              "status", (int) status, "ms", (cn_mono_us () - w->sent_us) / 1000.0);
+    zhashx_delete (self->wpending, key);
+    cn_msg_fini (&m);
+    zframe_destroy (&f);
+    return 0;
+}
+
+/* Answer writes the writer has not answered in time. */
+static int
+s_on_sweep (zloop_t *loop, int timer_id, void *arg)
+{
+    backend_t *self = arg;
+    int64_t now = cn_mono_us ();
+    zlistx_t *keys = zhashx_keys (self->wpending);
+    for (char *key = zlistx_first (keys); key; key = zlistx_next (keys)) {
+        wreq_t *w = zhashx_lookup (self->wpending, key);
+        if (w && now - w->sent_us > self->write_timeout_us) {
+            self->write_timeouts++;
+            s_reply_error (self, w->id, w->req_id, 503, "ServiceUnavailable",
+                           "the state writer did not answer in time");
+            zhashx_delete (self->wpending, key);
+        }
+    }
+    zlistx_destroy (&keys);
+    return 0;
+}
+
+static void
+s_wreq_free (void **item)
+{
+    free (*item);
+    *item = NULL;
+}
+
+/* ------------------------------------------------------------------ */
+/* Actor                                                                */
+
+static int
+s_start (backend_t *self, char *reason, size_t rlen)
+{
+    if (self->started) {
+        snprintf (reason, rlen, "already started");
+        return -1;
+    }
+    self->pull = zsock_new (ZMQ_PULL);
+    self->writer = zsock_new (ZMQ_DEALER);
+    if (!self->pull || !self->writer) {
+        snprintf (reason, rlen, "cannot create sockets");
+        return -1;
+    }
+    zsock_set_rcvhwm (self->pull, 10000);
+    zsock_set_sndhwm (self->writer, 10000);
+    zsock_set_linger (self->writer, 0);
+    if (zsock_connect (self->pull, "%s", CN_BACKEND_ENDPOINT) != 0) {
+        snprintf (reason, rlen, "connect %s: %s", CN_BACKEND_ENDPOINT, zmq_strerror (zmq_errno ()));
+        return -1;
+    }
+    if (zsock_connect (self->writer, "%s", CN_WRITER_ENDPOINT) != 0) {
+        snprintf (reason, rlen, "connect %s: %s", CN_WRITER_ENDPOINT, zmq_strerror (zmq_errno ()));
+        return -1;
+    }
+    self->moray = cn_moray_new (self->cfg->pg_conninfo, self->cfg->pg_timeout_ms);
+    self->redis = cn_redis_new (self->cfg->redis_url, self->cfg->redis_timeout_ms,
+                                self->component);
+    if (!self->moray || !self->redis) {
+        snprintf (reason, rlen, "cannot allocate store or cache clients");
+        return -1;
+    }
+    zloop_reader (self->loop, self->pull, s_on_request, self);
+    zloop_reader (self->loop, self->writer, s_on_writer, self);
+    self->sweep_timer = zloop_timer (self->loop, 1000, 0, s_on_sweep, self);
+    self->started = true;
+    return 0;
+}
+
+static void
+s_status (backend_t *self, zsock_t *dest)
+{
+    cn_msgw_t w;
+    cn_msgw_init (&w, "status", 15);
+    cn_msgw_str (&w, "actor", "backend");
+    cn_msgw_str (&w, "state", self->started ? "running" : "stopped");
+    cn_msgw_int (&w, "index", self->args->index);
+    cn_msgw_bool (&w, "pg", self->moray && cn_moray_connected (self->moray));
+    cn_msgw_bool (&w, "redis", self->redis && cn_redis_connected (self->redis));
+    cn_msgw_uint (&w, "requests", self->requests);
+    cn_msgw_uint (&w, "responses_2xx", self->replies_2xx);
+    cn_msgw_uint (&w, "responses_4xx", self->replies_4xx);
+    cn_msgw_uint (&w, "responses_5xx", self->replies_5xx);
+    cn_msgw_uint (&w, "cache_hits", self->cache_hits);
+    cn_msgw_uint (&w, "cache_misses", self->cache_misses);
+    cn_msgw_uint (&w, "store_reads", self->store_reads);
+    cn_msgw_uint (&w, "writes_sent", self->writes_sent);
+    cn_msgw_uint (&w, "writes_in_flight", zhashx_size (self->wpending));
+    cn_msgw_uint (&w, "write_timeouts", self->write_timeouts);
+    zframe_t *f = cn_msgw_frame (&w);
+    zframe_send (&f, dest, 0);
+}
+
+static int
+s_on_pipe (zloop_t *loop, zsock_t *pipe, void *arg)
+{
+    backend_t *self = arg;
+    zmsg_t *msg = zmsg_recv (pipe);
+    if (!msg)
+        return -1;
+    char *cmd = zmsg_popstr (msg);
+    int rc = 0;
+    if (!cmd)
+        rc = 0;
+    else
+    if (streq (cmd, "$TERM"))
+        rc = -1;
+    else
+    if (streq (cmd, "START")) {
+        char reason[256] = "";
+        if (s_start (self, reason, sizeof reason) == 0)
+            zstr_send (pipe, "OK");
+        else {
+            CN_ERROR (self->component, "backend start failed", "{s:s}", "reason", reason);
+            zstr_sendx (pipe, "ERROR", reason, NULL);
+        }
+    }
+    else
+    if (streq (cmd, "STATUS"))
+        s_status (self, pipe);
+    else
+        CN_WARN (self->component, "unknown pipe command", "{s:s}", "command", cmd);
+    free (cmd);
+    zmsg_destroy (&msg);
+    return rc;
+}
+
+void
+cn_backend_actor (zsock_t *pipe, void *args)
+{
+    backend_t *self = calloc (1, sizeof *self);
+    if (!self)
+        abort ();
+    self->args = args;
+    self->cfg = self->args->cfg;
+    self->pipe = pipe;
+    snprintf (self->component, sizeof self->component, "%s", COMPONENT);
+    self->loop = zloop_new ();
+    self->wpending = zhashx_new ();
+    zhashx_set_destructor (self->wpending, s_wreq_free);
+    self->write_timeout_us = ((int64_t) self->cfg->pg_timeout_ms * 2 + 2000) * 1000;
+    zloop_set_nonstop (self->loop, true);
+    zloop_reader (self->loop, pipe, s_on_pipe, self);
+    zsock_signal (pipe, 0);
+
+    zloop_start (self->loop);
+
+    /* Writes still waiting: their callers get an answer, not silence. */
+    zlistx_t *keys = zhashx_keys (self->wpending);
+    for (char *key = zlistx_first (keys); key; key = zlistx_next (keys)) {
+        wreq_t *w = zhashx_lookup (self->wpending, key);
+        if (w)
+            s_reply_error (self, w->id, w->req_id, 503, "ServiceUnavailable",
+                           "the service is shutting down");
+    }
+    zlistx_destroy (&keys);
+    zhashx_destroy (&self->wpending);
+    zloop_destroy (&self->loop);
+    zsock_destroy (&self->pull);
+    zsock_destroy (&self->writer);
+    cn_moray_destroy (&self->moray);
+    cn_redis_destroy (&self->redis);
+    free (self);
+}

@@ -103,8 +103,11 @@ cn_redis_destroy (cn_redis_t **p)
 }
 
 void
-cn_redis_failed (cn_redis_t *r, const char *why)
+cn_redis_failed (cn_redis_t *r, const char *why_in)
 {
+    /* why may point into the context we are about to free */
+    char why[128];
+    snprintf (why, sizeof why, "%s", why_in ? why_in : "");
     if (r->ctx) {
         redisFree (r->ctx);
         r->ctx = NULL;
@@ -113,7 +116,7 @@ cn_redis_failed (cn_redis_t *r, const char *why)
     int delay = cn_backoff_ms (r->attempt++, 100, 5000);
     r->next_try_us = cn_mono_us () + (int64_t) delay * 1000;
     if (!r->logged_down) {
-        CN_WARN (r->component, "redis unavailable", "{s:s,s:s,s:i}", "error", why ? why : "",
+        CN_WARN (r->component, "redis unavailable", "{s:s,s:s,s:i}", "error", why,
                  "host", r->host, "port", r->port);
         r->logged_down = true;
     }

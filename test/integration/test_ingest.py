@@ -166,8 +166,8 @@ def test_postgres_then_rabbitmq_restart_mid_stream(t):
     for d in ds:
         harness.wait_until(lambda: _all_latest(d, prefix, 300, 4), timeout=120,
                            desc="recovered after the RabbitMQ restart via %s" % d.name)
-        a = _actors(d)
-        assert a["listener"]["connection"] == "connected", a["listener"]
+        harness.wait_until(lambda: _actors(d)["listener"]["connection"] == "connected",
+                           timeout=30, desc="%s's listener reconnected" % d.name)
     assert all(d.running() for d in ds)
 
 

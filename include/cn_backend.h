@@ -1,0 +1,84 @@
+/*
+ * cn_backend: a read/write worker behind the HTTP gateway.
+ *
+ *   cn_backend_args_t a = { cfg, &receiver, 0 };      // outlives the actor
+ *   zactor_t *b = zactor_new (cn_backend_actor, &a);
+ *   zstr_send (b, "START");  -> "OK" | "ERROR" <reason>
+ *
+ * The gateway's h2o thread binds a PUSH at CN_BACKEND_ENDPOINT; every backend
+ * connects a PULL there (ZeroMQ round-robins requests between them). One
+ * request is one msgpack frame (proto/backend.md). A backend owns its own
+ * store connection (cn_moray_t, reads), its own cache connection (cn_redis_t)
+ * and a DEALER to the state writer (CN_WRITER_ENDPOINT, proto/writer.md) for
+ * writes; it may block on those (bounded by their timeouts), which is why it
+ * runs apart from the h2o thread.
+ *
+ * Answers go back into the h2o event loop through h2o's multithread queue:
+ * the backend mallocs a cn_backend_reply_t and passes it to
+ * h2o_multithread_send_message (args->receiver). From then on the gateway owns
+ * it and releases it with cn_backend_reply_free. That queue is the one way to
+ * wake h2o's loop from another thread (it writes to a pipe the loop polls).
+ *
+ * Pipe: $TERM, START, STATUS (proto/status.md, actor "backend").
+ */
+#ifndef CN_BACKEND_H
+#define CN_BACKEND_H
+
+#include <czmq.h>
+#include <jansson.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <h2o.h>
+
+#include "cn_config.h"
+
+typedef struct {
+    const cn_config_t *cfg;
+    h2o_multithread_receiver_t *receiver;   /* the gateway's reply queue */
+    int index;                              /* 0..backend_threads-1, for logs */
+} cn_backend_args_t;
+
+/* One answer to one gateway request. */
+typedef struct {
+    h2o_multithread_message_t super;   /* first: the queue links it */
+    uint64_t id;                       /* the request's id (proto/backend.md) */
+    int status;                        /* HTTP status */
+    const char *ctype;                 /* static string; NULL when no body */
+    char *body;                        /* malloc'd, len bytes; may be NULL */
+    size_t len;
+    /* Near-cache fill: only for "server_get" requests with fill=true that
+     * answered 200. view is the full server view as JSON text without its
+     * "status" member; status_rec holds the record's inputs to
+     * cn_server_status (owned; only ever touched by one thread at a time). */
+    bool fill;
+    char uuid[37];
+    int64_t version;
+    char *view;
+    size_t view_len;
+    json_t *status_rec;
+} cn_backend_reply_t;
+
+/* A zeroed reply for id (abort on out of memory). */
+cn_backend_reply_t *cn_backend_reply_new (uint64_t id);
+/* Free a reply and everything it holds; *p becomes NULL. */
+void cn_backend_reply_free (cn_backend_reply_t **p);
+
+/* JSON encoding for API bodies: compact, and doubles with 16 significant
+ * digits so that 0.15 reads 0.15 (as JavaScript prints it), not
+ * 0.14999999999999999. */
+#define CN_BACKEND_JSON_FLAGS (JSON_COMPACT | JSON_REAL_PRECISION (16))
+
+/* Write {"status":"<status>",<view without its leading '{'> into out
+ * (room for view_len + strlen (status) + 16 bytes); view is a JSON object's
+ * text starting with '{'. Returns the length written (NUL-terminated). */
+size_t cn_backend_splice_status (char *out, const char *status, const char *view,
+                                 size_t view_len);
+
+/* The inputs cn_server_status needs from a record: a small copy that the
+ * gateway's near cache can keep per server (new reference). */
+json_t *cn_backend_status_inputs (const json_t *rec);
+
+void cn_backend_actor (zsock_t *pipe, void *args);
+
+#endif
