@@ -45,6 +45,7 @@
 
 #define CN_DIRTY_MAX 100000
 #define LAT_SAMPLES 8192
+#define RECORD_CACHE_MAX 50000
 #define COMPONENT "writer"
 
 typedef enum { REQ_SYSINFO, REQ_UPDATE, REQ_DELETE } s_kind_t;
@@ -86,6 +87,8 @@ typedef struct {
     int retry_attempt;
     int retry_timer;
     zhashx_t *dirty;          /* uuids whose cache update failed */
+    zhashx_t *records;        /* uuid -> s_cached_t: parsed records we wrote */
+    uint64_t record_hits, record_misses;
     bool dirty_all;
 
     /* counters */
@@ -228,6 +231,36 @@ s_decode (self_t *self, zframe_t *identity, zframe_t *frame)
     return req;
 }
 
+/* A record this writer committed, kept parsed: when the locked row still
+ * has this etag (nobody else wrote it since), the next batch reuses it instead
+ * of parsing ~4 KB of JSON again. */
+typedef struct {
+    char etag[9];
+    json_t *rec;
+} s_cached_t;
+
+static void
+s_cached_destroy (void **item)
+{
+    s_cached_t *c = *item;
+    if (c) {
+        json_decref (c->rec);
+        free (c);
+    }
+    *item = NULL;
+}
+
+static void
+s_cache_record (self_t *self, const char *uuid, const char *etag, json_t *rec)
+{
+    if (zhashx_size (self->records) >= RECORD_CACHE_MAX)
+        zhashx_purge (self->records);    /* crude but bounded; refills on use */
+    s_cached_t *c = malloc (sizeof *c);
+    memcpy (c->etag, etag, 9);
+    c->rec = json_incref (rec);
+    zhashx_update (self->records, uuid, c);
+}
+
 /* Per-server state inside one batch. */
 typedef struct {
     char *uuid;
@@ -358,7 +391,15 @@ s_run_batch (self_t *self, s_req_t **reqs, size_t n, s_res_t *res)
     for (size_t i = 0; i < nrows; i++) {
         if (objs[i].key) {
             json_error_t jerr;
-            rows[i].rec = json_loadb (objs[i].value, objs[i].value_len, 0, &jerr);
+            s_cached_t *c = zhashx_lookup (self->records, rows[i].uuid);
+            if (c && strcmp (c->etag, objs[i].etag) == 0) {
+                rows[i].rec = json_incref (c->rec);
+                self->record_hits++;
+            }
+            else {
+                rows[i].rec = json_loadb (objs[i].value, objs[i].value_len, 0, &jerr);
+                self->record_misses++;
+            }
             if (!rows[i].rec)
                 CN_ERROR (COMPONENT, "stored server record is not JSON; replacing it",
                           "{s:s,s:s}", "server_uuid", rows[i].uuid, "error", jerr.text);
@@ -408,6 +449,10 @@ s_run_batch (self_t *self, s_req_t **reqs, size_t n, s_res_t *res)
         cn_cache_put_t *puts = calloc (nops ? nops : 1, sizeof *puts);
         for (size_t k = 0; k < nops; k++) {
             size_t i = opmap[k];
+            if (ops[k].kind == CN_MOP_PUT)
+                s_cache_record (self, rows[i].uuid, ops[k].out_etag, rows[i].rec);
+            else
+                zhashx_delete (self->records, rows[i].uuid);
             puts[k].uuid = rows[i].uuid;
             puts[k].version = ops[k].out_id;
             puts[k].json = texts[i];
@@ -686,7 +731,7 @@ static zframe_t *
 s_status (self_t *self)
 {
     cn_msgw_t w;
-    cn_msgw_init (&w, "status", 23);
+    cn_msgw_init (&w, "status", 25);
     cn_msgw_str (&w, "actor", "writer");
     cn_msgw_str (&w, "state", !self->started ? "stopped"
                             : zlistx_size (self->retry) ? "backoff" : "running");
@@ -710,6 +755,8 @@ s_status (self_t *self)
     cn_msgw_double (&w, "last_commit_ms", self->last_commit_ms);
     cn_msgw_uint (&w, "cache_dirty", zhashx_size (self->dirty) + (self->dirty_all ? 1 : 0));
     cn_msgw_uint (&w, "latency_samples", self->lat_n);
+    cn_msgw_uint (&w, "record_cache_hits", self->record_hits);
+    cn_msgw_uint (&w, "record_cache_misses", self->record_misses);
     cn_msgw_double (&w, "publish_to_commit_p50_ms", s_latency_pct (self, 50));
     cn_msgw_double (&w, "publish_to_commit_p99_ms", s_latency_pct (self, 99));
     return cn_msgw_frame (&w);
@@ -799,6 +846,8 @@ cn_writer_actor (zsock_t *pipe, void *args)
     self->loop = zloop_new ();
     self->retry = zlistx_new ();
     self->dirty = zhashx_new ();
+    self->records = zhashx_new ();
+    zhashx_set_destructor (self->records, s_cached_destroy);
     zloop_set_nonstop (self->loop, true);
     zloop_reader (self->loop, pipe, s_on_pipe, self);
     zsock_signal (pipe, 0);
@@ -813,6 +862,7 @@ cn_writer_actor (zsock_t *pipe, void *args)
         s_req_destroy (&r);
     zlistx_destroy (&self->retry);
     zhashx_destroy (&self->dirty);
+    zhashx_destroy (&self->records);
     zloop_destroy (&self->loop);
     zsock_destroy (&self->router);
     zsock_destroy (&self->ctl);

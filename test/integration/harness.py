@@ -747,7 +747,8 @@ class Cnapid:
         SIGKILL. Returns the exit status (negative: killed by a signal)."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
+        terminated = self.proc.poll() is None
+        if terminated:
             try:
                 self.proc.send_signal(signal.SIGTERM)
             except ProcessLookupError:
@@ -761,7 +762,24 @@ class Cnapid:
         while port_open(self.address, self.port, 0.2) and time.monotonic() < deadline:
             time.sleep(0.05)
         self._forget()
+        if terminated:      # not for a process that was already gone (kill9)
+            self.check_clean_exit()
         return self.proc.returncode
+
+    SANITIZER_MARKS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:")
+
+    def check_clean_exit(self):
+        """After a SIGTERM stop: exit status 0 and no sanitizer report in
+        this run's log (ASan, LSan, UBSan), else AssertionError."""
+        text = self.log_text()
+        text = text[text.rfind("--- start"):] if "--- start" in text else text
+        marks = [m for m in self.SANITIZER_MARKS if m in text]
+        if marks:
+            raise AssertionError("%s: sanitizer report at exit (%s):\n%s"
+                                 % (self.name, ", ".join(marks), self.log_tail(40)))
+        if self.proc.returncode != 0:
+            raise AssertionError("%s exited with status %s after SIGTERM:\n%s"
+                                 % (self.name, self.proc.returncode, self.log_tail(20)))
 
     def kill9(self):
         """SIGKILL and reap. Returns the exit status."""

@@ -4,7 +4,7 @@
  *
  *   sysinfo-burst --url AMQP_URL --servers N --messages M [--size BYTES]
  *                 [--prefix HEX8] [--confirm-window W] [--startup]
- *                 [--setup] [--queue Q] [--json-summary]
+ *                 [--setup] [--queue Q] [--rate MSG_PER_S] [--json-summary]
  *   sysinfo-burst --url AMQP_URL --bench-raw --messages M [--size BYTES]
  *                 [--queue-type classic|quorum] [--prefetch P] [--json-summary]
  *
@@ -35,6 +35,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <getopt.h>
+#include <time.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -60,6 +61,7 @@ typedef struct {
     bool bench_raw;
     cn_amqp_qtype_t qtype;
     long prefetch;
+    long rate;                /* messages per second, 0 = as fast as possible */
 } s_opts_t;
 
 typedef struct {
@@ -89,7 +91,7 @@ s_usage (FILE *f)
     fprintf (f,
              "usage: sysinfo-burst --url AMQP_URL --servers N --messages M [--size BYTES]\n"
              "                     [--prefix HEX8] [--confirm-window W] [--startup] [--setup]\n"
-             "                     [--queue Q] [--json-summary]\n"
+             "                     [--queue Q] [--rate MSG_PER_S] [--json-summary]\n"
              "       sysinfo-burst --url AMQP_URL --bench-raw --messages M [--size BYTES]\n"
              "                     [--queue-type classic|quorum] [--prefetch P] [--json-summary]\n");
 }
@@ -413,6 +415,16 @@ s_burst (const s_opts_t *o)
     bool ok = true;
     double t0 = s_now_s ();
     for (long m = 0; m < o->messages && ok; m++) {
+        if (o->rate > 0) {
+            /* pace: message m is due at t0 + m / rate (a rate limiter for
+             * latency benchmarks, not synchronisation) */
+            double due = t0 + (double) m / (double) o->rate, now = s_now_s ();
+            if (due > now) {
+                struct timespec ts = { (time_t) (due - now),
+                                       (long) ((due - now - (double) (time_t) (due - now)) * 1e9) };
+                nanosleep (&ts, NULL);
+            }
+        }
         long i = m % o->servers;
         long k = ++seq[i];
         size_t len = s_sysinfo (o, i, k, body, cap);
@@ -580,7 +592,7 @@ main (int argc, char **argv)
         .window = 500, .qtype = CN_AMQP_QUEUE_CLASSIC, .prefetch = 1000,
     };
     enum { O_URL = 256, O_SERVERS, O_MESSAGES, O_SIZE, O_PREFIX, O_WINDOW, O_STARTUP,
-           O_SETUP, O_JSON, O_QUEUE, O_BENCH, O_QTYPE, O_PREFETCH, O_HELP };
+           O_SETUP, O_JSON, O_QUEUE, O_BENCH, O_QTYPE, O_PREFETCH, O_RATE, O_HELP };
     static const struct option opts[] = {
         { "url", required_argument, NULL, O_URL },
         { "servers", required_argument, NULL, O_SERVERS },
@@ -595,6 +607,7 @@ main (int argc, char **argv)
         { "bench-raw", no_argument, NULL, O_BENCH },
         { "queue-type", required_argument, NULL, O_QTYPE },
         { "prefetch", required_argument, NULL, O_PREFETCH },
+        { "rate", required_argument, NULL, O_RATE },
         { "help", no_argument, NULL, O_HELP },
         { NULL, 0, NULL, 0 }
     };
@@ -608,6 +621,7 @@ main (int argc, char **argv)
         case O_SIZE: bad |= !s_long (optarg, 1, 4 * 1024 * 1024, &o.size); break;
         case O_WINDOW: bad |= !s_long (optarg, 1, 1000000, &o.window); break;
         case O_PREFETCH: bad |= !s_long (optarg, 1, 65535, &o.prefetch); break;
+        case O_RATE: bad |= !s_long (optarg, 1, 10000000, &o.rate); break;
         case O_PREFIX:
             o.prefix = optarg;
             bad |= strlen (optarg) != 8;

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# ingest.sh: durable sysinfo ingest benchmark (issue: foundation).
+#
+#   test/bench/ingest.sh [--instances N] [--messages M] [--servers S] [--rate R] [--seconds D]
+#
+# 1. Throughput: M persistent ~3 KB sysinfo messages (every one a real change:
+#    "Burst Sequence" grows) are queued on ur.cnapi BEFORE any cnapid runs;
+#    then N instances start and drain it, each message acked only after its
+#    write committed. Rate = M / (time from start to the last ack).
+# 2. Latency: the instances keep running; sysinfo-burst publishes at R msg/s
+#    for D seconds; each writer reports publish-to-commit p50/p99 over its last
+#    8192 messages (sent_ms header -> commit), read through cnapictl.
+# 3. Baselines on the same machine: the raw RabbitMQ publish/consume rate of
+#    3 KB persistent messages (sysinfo-burst --bench-raw) and the batched
+#    PostgreSQL write rate of the store (bench-moray).
+# Prints one summary block; docs/benchmarks.md records the figures.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+INSTANCES=1 MESSAGES=60000 SERVERS=10000 RATE=2000 SECONDS_=20
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --instances) INSTANCES=$2; shift 2 ;;
+    --messages) MESSAGES=$2; shift 2 ;;
+    --servers) SERVERS=$2; shift 2 ;;
+    --rate) RATE=$2; shift 2 ;;
+    --seconds) SECONDS_=$2; shift 2 ;;
+    *) sed -n '2,20p' "$0"; exit 2 ;;
+  esac
+done
+BUILD=${CNAPI_BUILD:-$ROOT/build}
+STATE=${BENCH_DIR:-/tmp/cnapi-bench}
+PY=/usr/bin/python3
+"$ROOT/deploy/install-deps" >/dev/null
+[ -f "$BUILD/build.ninja" ] || meson setup "$BUILD" -Dbuildtype=release >/dev/null
+ninja -C "$BUILD" cnapid cnapictl sysinfo-burst bench-moray >/dev/null
+mkdir -p "$STATE"
+"$ROOT/deploy/local/stack" up "$STATE/stack" >/dev/null 2>&1
+. "$STATE/stack/stack.env"
+
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  if [ -z "${KEEP_STACK:-}" ]; then "$ROOT/deploy/local/stack" down "$STATE/stack" >/dev/null 2>&1 || true; fi
+}
+trap cleanup EXIT
+
+# fresh database, vhost-free queue, empty cache
+"$ROOT/deploy/local/stack" psql "$STATE/stack" -qc "DROP DATABASE IF EXISTS bench" >/dev/null
+"$ROOT/deploy/local/stack" psql "$STATE/stack" -qc "CREATE DATABASE bench" >/dev/null
+"$ROOT/deploy/local/stack" rabbitmqctl "$STATE/stack" delete_queue ur.cnapi >/dev/null 2>&1 || true
+"$ROOT/deploy/local/stack" redis-cli "$STATE/stack" FLUSHALL >/dev/null
+PG="${CNAPI_POSTGRES_CONNINFO/dbname=cnapi/dbname=bench}"
+
+echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r)"
+echo "== prefill: $MESSAGES messages for $SERVERS servers"
+"$BUILD/sysinfo-burst" --url "$CNAPI_AMQP_URL" --servers "$SERVERS" --messages "$MESSAGES" --queue ur.cnapi
+
+acked_total() {
+  local sum=0 n
+  for i in $(seq 1 "$INSTANCES"); do
+    n=$("$BUILD/cnapictl" -e "ipc://$STATE/bench-$i.sock" -j actors 2>/dev/null \
+        | $PY -c 'import json,sys; print(json.load(sys.stdin)["listener"]["acked"])' 2>/dev/null || echo 0)
+    sum=$((sum + n))
+  done
+  echo "$sum"
+}
+
+T0=$(date +%s%N)
+for i in $(seq 1 "$INSTANCES"); do
+  cat > "$STATE/bench-$i.json" <<JSON
+{"instance": "bench-$i", "log_level": "warn",
+ "http": {"address": "127.0.0.$((i + 1))", "port": 0},
+ "admin": {"endpoint": "ipc://$STATE/bench-$i.sock"},
+ "amqp": {"url": "$CNAPI_AMQP_URL"}, "postgres": {"conninfo": "$PG"},
+ "redis": {"url": "$CNAPI_REDIS_URL"}}
+JSON
+  "$BUILD/cnapid" -c "$STATE/bench-$i.json" >"$STATE/bench-$i.log" 2>&1 &
+  PIDS+=($!)
+done
+for n in $(seq 1 6000); do      # bounded: 10 minutes at 0.1 s
+  a=$(acked_total)
+  [ "$a" -ge "$MESSAGES" ] && break
+  sleep 0.1
+done
+T1=$(date +%s%N)
+SECS=$($PY -c "print('%.3f' % (($T1 - $T0) / 1e9))")
+RATE_IN=$($PY -c "print(int($MESSAGES / $SECS))")
+echo "== drained $a of $MESSAGES in ${SECS}s with $INSTANCES instance(s): $RATE_IN msg/s (start to last ack)"
+for i in $(seq 1 "$INSTANCES"); do
+  "$BUILD/cnapictl" -e "ipc://$STATE/bench-$i.sock" -j actors | $PY -c '
+import json,sys; a=json.load(sys.stdin); w=a["writer"]; l=a["listener"]
+print("   bench-%s: acked %d, batches %d, avg batch %.1f, max batch %d, last commit %.1f ms" % (sys.argv[1], l["acked"], w["batches"], w["avg_batch"], w["max_batch"], w["last_commit_ms"]))' "$i"
+done
+
+TOTAL=$((RATE * SECONDS_))
+echo "== latency: $TOTAL messages at $RATE msg/s"
+"$BUILD/sysinfo-burst" --url "$CNAPI_AMQP_URL" --servers "$SERVERS" --messages "$TOTAL" --rate "$RATE" --prefix beef0000
+WANT=$((MESSAGES + TOTAL))
+for n in $(seq 1 3000); do
+  a=$(acked_total)
+  [ "$a" -ge "$WANT" ] && break
+  sleep 0.1
+done
+for i in $(seq 1 "$INSTANCES"); do
+  "$BUILD/cnapictl" -e "ipc://$STATE/bench-$i.sock" -j actors | $PY -c '
+import json,sys; w=json.load(sys.stdin)["writer"]
+print("   bench-%s: publish-to-commit p50 %.1f ms, p99 %.1f ms over %d messages" % (sys.argv[1], w["publish_to_commit_p50_ms"], w["publish_to_commit_p99_ms"], w["latency_samples"]))' "$i"
+done
+
+echo "== baselines on this machine"
+"$BUILD/sysinfo-burst" --url "$CNAPI_AMQP_URL" --bench-raw --messages 30000 | sed 's/^/   raw rabbitmq: /'
+"$BUILD/bench-moray" "$PG" 20000 3000 2>&1 | sed 's/^/   bench-moray: /'
