@@ -22,10 +22,9 @@
  * retried with backoff (their messages stay unacked, so a crash loses nothing:
  * the broker redelivers). Requests from HTTP are answered 500 at once.
  *
- * Cache. After the commit, changed records go to Redis with their version
- * (_id), pipelined. If Redis is down the affected keys are remembered and
- * dropped from Redis when it returns (readers then refill from PostgreSQL);
- * past CN_DIRTY_MAX keys the whole server cache is dropped instead.
+ * Cache. After the commit, the changed records (with their version, _id) go
+ * to the cache writer child actor (actors/cn_cache.c), which writes them
+ * through to Redis on its own thread: Redis is never on the commit path.
  */
 #include "cn_writer.h"
 
@@ -35,7 +34,7 @@
 #include "cn_log.h"
 #include "cn_moray.h"
 #include "cn_msg.h"
-#include "cn_redis.h"
+#include "cn_cache.h"
 #include "cn_server.h"
 #include "cn_util.h"
 
@@ -43,7 +42,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CN_DIRTY_MAX 100000
 #define LAT_SAMPLES 8192
 #define RECORD_CACHE_MAX 50000
 #define COMPONENT "writer"
@@ -59,6 +57,8 @@ typedef struct {
     int64_t sent_ms;
     int64_t received_ms;
     json_t *body;             /* sysinfo object, or update params */
+    char *raw;                /* sysinfo: the JSON text as received */
+    size_t raw_len;
 } s_req_t;
 
 typedef struct {
@@ -79,17 +79,17 @@ typedef struct {
     zsock_t *ctl;
     zloop_t *loop;
     cn_moray_t *moray;
-    cn_redis_t *redis;
+    zactor_t *cache;          /* child: writes committed records to Redis */
+    zsock_t *cache_push;
+    cn_cache_stats_t cache_stats;
     bool started;
     bool bucket_ready;
 
     zlistx_t *retry;          /* s_req_t* from AMQP waiting for PostgreSQL */
     int retry_attempt;
     int retry_timer;
-    zhashx_t *dirty;          /* uuids whose cache update failed */
     zhashx_t *records;        /* uuid -> s_cached_t: parsed records we wrote */
     uint64_t record_hits, record_misses;
-    bool dirty_all;
 
     /* counters */
     uint64_t received, batches, rows_written, unchanged, stale, conflicts, rejected,
@@ -109,6 +109,7 @@ s_req_destroy (s_req_t **p)
         return;
     zframe_destroy (&(*p)->identity);
     json_decref ((*p)->body);
+    free ((*p)->raw);
     free (*p);
     *p = NULL;
 }
@@ -210,6 +211,10 @@ s_decode (self_t *self, zframe_t *identity, zframe_t *frame)
         else if (cn_sysinfo_parse (body, len, req->uuid, &req->body, perr, sizeof perr) != 0) {
             s_fail (&res, 400, "InvalidArgument", "rejected", "%s", perr);
         }
+        else if ((req->raw = malloc (len)) != NULL) {
+            memcpy (req->raw, body, len);
+            req->raw_len = len;
+        }
     }
     else if (!why && req->kind == REQ_UPDATE) {
         const char *body = cn_msg_str (&m, "params", &len);
@@ -270,7 +275,42 @@ typedef struct {
     bool dirty;
     bool deleted;
     int64_t version;
+    const s_req_t *si_req;    /* the sysinfo request whose tree rec holds */
 } s_row_t;
+
+/* The stored text of a record. When the record's sysinfo is the tree parsed
+ * from a request, the request's own text is spliced in instead of
+ * serialising ~3 KB of tree again: sysinfo dominates a record's size. */
+static char *
+s_record_text (const s_row_t *row)
+{
+    json_t *si = json_object_get (row->rec, "sysinfo");
+    if (!row->si_req || !row->si_req->raw || si != row->si_req->body)
+        return json_dumps (row->rec, JSON_COMPACT);
+    json_t *rest = json_copy (row->rec);     /* shallow: top level only */
+    json_object_del (rest, "sysinfo");
+    char *head = json_dumps (rest, JSON_COMPACT);
+    json_decref (rest);
+    if (!head)
+        return NULL;
+    size_t hlen = strlen (head);              /* "{...}" */
+    size_t rlen = row->si_req->raw_len;
+    char *out = malloc (hlen + rlen + 16);
+    if (out) {
+        size_t o = hlen - 1;                  /* drop the closing brace */
+        memcpy (out, head, o);
+        if (hlen > 2)
+            out[o++] = ',';
+        memcpy (out + o, "\"sysinfo\":", 10);
+        o += 10;
+        memcpy (out + o, row->si_req->raw, rlen);
+        o += rlen;
+        out[o++] = '}';
+        out[o] = '\0';
+    }
+    free (head);
+    return out;
+}
 
 static s_row_t *
 s_row_find (s_row_t *rows, size_t n, const char *uuid)
@@ -321,6 +361,7 @@ s_apply_one (self_t *self, s_req_t *req, s_row_t *row, s_res_t *res)
             row->rec = out;
             row->dirty = true;
             row->deleted = false;
+            row->si_req = req;
         }
         return;
     }
@@ -429,7 +470,7 @@ s_run_batch (self_t *self, s_req_t **reqs, size_t n, s_res_t *res)
             op->kind = CN_MOP_DEL;
         else {
             op->kind = CN_MOP_PUT;
-            texts[i] = json_dumps (rows[i].rec, JSON_COMPACT);
+            texts[i] = s_record_text (&rows[i]);
             op->value = texts[i];
         }
         opmap[nops++] = i;
@@ -446,29 +487,35 @@ s_run_batch (self_t *self, s_req_t **reqs, size_t n, s_res_t *res)
     }
     else {
         self->rows_written += nops;
-        cn_cache_put_t *puts = calloc (nops ? nops : 1, sizeof *puts);
+        /* hand the committed records to the cache writer: one message,
+         * {items: [[uuid, version, json|nil], ...]} */
+        cn_msgw_t w;
+        cn_msgw_init (&w, "cache_puts", 1);
+        cn_msgw_key (&w, "items");
+        msgpack_pack_array (&w.pk, nops);
         for (size_t k = 0; k < nops; k++) {
             size_t i = opmap[k];
             if (ops[k].kind == CN_MOP_PUT)
                 s_cache_record (self, rows[i].uuid, ops[k].out_etag, rows[i].rec);
             else
                 zhashx_delete (self->records, rows[i].uuid);
-            puts[k].uuid = rows[i].uuid;
-            puts[k].version = ops[k].out_id;
-            puts[k].json = texts[i];
-            puts[k].len = texts[i] ? strlen (texts[i]) : 0;
-        }
-        if (nops && cn_redis_cache_apply (self->redis, puts, nops) != 0) {
-            for (size_t k = 0; k < nops && !self->dirty_all; k++) {
-                if (zhashx_size (self->dirty) >= CN_DIRTY_MAX) {
-                    self->dirty_all = true;
-                    zhashx_purge (self->dirty);
-                }
-                else
-                    zhashx_update (self->dirty, puts[k].uuid, (void *) 1);
+            msgpack_pack_array (&w.pk, 3);
+            msgpack_pack_str (&w.pk, 36);
+            msgpack_pack_str_body (&w.pk, rows[i].uuid, 36);
+            msgpack_pack_uint64 (&w.pk, (uint64_t) ops[k].out_id);
+            if (texts[i]) {
+                size_t len = strlen (texts[i]);
+                msgpack_pack_str (&w.pk, len);
+                msgpack_pack_str_body (&w.pk, texts[i], len);
             }
+            else
+                msgpack_pack_nil (&w.pk);
         }
-        free (puts);
+        zframe_t *f = cn_msgw_frame (&w);
+        atomic_fetch_add (&self->cache_stats.queued, 1);
+        /* blocking send: if the cache writer falls 1000 batches behind, the
+         * writer waits rather than let the cache go stale */
+        zframe_send (&f, self->cache_push, 0);
     }
     for (size_t i = 0; i < nrows; i++)
         free (texts[i]);
@@ -519,7 +566,6 @@ s_process (self_t *self, s_req_t **reqs, size_t n)
     for (int attempt = 0; attempt < 5 && run == RUN_CONFLICT; attempt++)
         run = s_run_batch (self, reqs, n, res);
     cn_health_set ("moray", run != RUN_EIO);
-    cn_health_set ("redis", cn_redis_connected (self->redis));
     if (run == RUN_OK) {
         self->batches++;
         self->last_batch = n;
@@ -612,34 +658,6 @@ s_retry_timer (zloop_t *loop, int timer_id, void *arg)
     return 0;
 }
 
-static void
-s_cache_maintenance (self_t *self)
-{
-    if (!self->dirty_all && zhashx_size (self->dirty) == 0)
-        return;
-    if (!cn_redis_ok (self->redis))
-        return;
-    int rc;
-    if (self->dirty_all)
-        rc = cn_redis_cache_drop (self->redis, NULL, 0, true);
-    else {
-        zlistx_t *keys = zhashx_keys (self->dirty);
-        size_t n = zlistx_size (keys), i = 0;
-        const char **uuids = calloc (n ? n : 1, sizeof *uuids);
-        for (const char *k = zlistx_first (keys); k; k = zlistx_next (keys))
-            uuids[i++] = k;
-        rc = cn_redis_cache_drop (self->redis, uuids, n, false);
-        free (uuids);
-        zlistx_destroy (&keys);
-    }
-    if (rc == 0) {
-        CN_INFO (COMPONENT, "cache entries written while redis was down dropped", "{s:b,s:i}",
-                 "all", self->dirty_all, "count", (int) zhashx_size (self->dirty));
-        self->dirty_all = false;
-        zhashx_purge (self->dirty);
-    }
-}
-
 static int
 s_on_router (zloop_t *loop, zsock_t *router, void *arg)
 {
@@ -680,7 +698,6 @@ s_on_router (zloop_t *loop, zsock_t *router, void *arg)
     }
     s_process (self, reqs, n);
     free (reqs);
-    s_cache_maintenance (self);
     return 0;
 }
 
@@ -688,20 +705,11 @@ static int
 s_on_tick (zloop_t *loop, int timer_id, void *arg)
 {
     self_t *self = arg;
-    s_cache_maintenance (self);
-    /* keep the health flags fresh when idle */
+    /* keep the health flag fresh when idle */
     if (zlistx_size (self->retry) == 0) {
         bool up = cn_moray_connected (self->moray) || cn_moray_connect (self->moray) == CN_MORAY_OK;
         cn_health_set ("moray", up);
     }
-    bool r = cn_redis_ok (self->redis);
-    if (r) {
-        redisReply *rep = cn_redis_cmd (self->redis, "PING");
-        r = rep != NULL;
-        if (rep)
-            freeReplyObject (rep);
-    }
-    cn_health_set ("redis", r);
     return 0;
 }
 
@@ -731,12 +739,12 @@ static zframe_t *
 s_status (self_t *self)
 {
     cn_msgw_t w;
-    cn_msgw_init (&w, "status", 25);
+    cn_msgw_init (&w, "status", 27);
     cn_msgw_str (&w, "actor", "writer");
     cn_msgw_str (&w, "state", !self->started ? "stopped"
                             : zlistx_size (self->retry) ? "backoff" : "running");
     cn_msgw_bool (&w, "pg", cn_moray_connected (self->moray));
-    cn_msgw_bool (&w, "redis", cn_redis_connected (self->redis));
+    cn_msgw_bool (&w, "redis", atomic_load (&self->cache_stats.connected));
     cn_msgw_uint (&w, "queue_depth", zlistx_size (self->retry));
     cn_msgw_uint (&w, "received", self->received);
     cn_msgw_uint (&w, "batches", self->batches);
@@ -753,7 +761,9 @@ s_status (self_t *self)
     cn_msgw_double (&w, "avg_batch",
                     self->batches ? (double) self->total_batched / (double) self->batches : 0.0);
     cn_msgw_double (&w, "last_commit_ms", self->last_commit_ms);
-    cn_msgw_uint (&w, "cache_dirty", zhashx_size (self->dirty) + (self->dirty_all ? 1 : 0));
+    cn_msgw_uint (&w, "cache_dirty", atomic_load (&self->cache_stats.dirty));
+    cn_msgw_uint (&w, "cache_queued", atomic_load (&self->cache_stats.queued));
+    cn_msgw_uint (&w, "cache_failures", atomic_load (&self->cache_stats.failures));
     cn_msgw_uint (&w, "latency_samples", self->lat_n);
     cn_msgw_uint (&w, "record_cache_hits", self->record_hits);
     cn_msgw_uint (&w, "record_cache_misses", self->record_misses);
@@ -779,9 +789,15 @@ static int
 s_start (self_t *self)
 {
     self->moray = cn_moray_new (self->cfg->pg_conninfo, self->cfg->pg_timeout_ms);
-    self->redis = cn_redis_new (self->cfg->redis_url, self->cfg->redis_timeout_ms, COMPONENT);
+    cn_cache_args_t cargs = { self->cfg, &self->cache_stats };
+    self->cache = zactor_new (cn_cache_actor, &cargs);
+    self->cache_push = zsock_new (ZMQ_PUSH);
+    if (!self->cache || !self->cache_push
+        || zsock_connect (self->cache_push, CN_CACHE_ENDPOINT) != 0)
+        return -1;
+    zsock_set_sndhwm (self->cache_push, 1000);
     self->router = zsock_new (ZMQ_ROUTER);
-    if (!self->moray || !self->redis || !self->router
+    if (!self->moray || !self->router
         || zsock_bind (self->router, CN_WRITER_ENDPOINT) != 0)
         return -1;
     zsock_set_rcvhwm (self->router, 100000);
@@ -802,7 +818,6 @@ s_start (self_t *self)
     else
         CN_WARN (COMPONENT, "store unreachable at start; will retry", "{s:s}", "error",
                  cn_moray_errmsg (self->moray));
-    cn_health_set ("redis", cn_redis_ok (self->redis));
     self->started = true;
     return 0;
 }
@@ -845,7 +860,6 @@ cn_writer_actor (zsock_t *pipe, void *args)
     self->pipe = pipe;
     self->loop = zloop_new ();
     self->retry = zlistx_new ();
-    self->dirty = zhashx_new ();
     self->records = zhashx_new ();
     zhashx_set_destructor (self->records, s_cached_destroy);
     zloop_set_nonstop (self->loop, true);
@@ -861,12 +875,12 @@ cn_writer_actor (zsock_t *pipe, void *args)
     for (s_req_t *r = zlistx_first (self->retry); r; r = zlistx_next (self->retry))
         s_req_destroy (&r);
     zlistx_destroy (&self->retry);
-    zhashx_destroy (&self->dirty);
     zhashx_destroy (&self->records);
     zloop_destroy (&self->loop);
     zsock_destroy (&self->router);
     zsock_destroy (&self->ctl);
     cn_moray_destroy (&self->moray);
-    cn_redis_destroy (&self->redis);
+    zsock_destroy (&self->cache_push);
+    zactor_destroy (&self->cache);
     free (self);
 }

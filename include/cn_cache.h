@@ -1,0 +1,44 @@
+/*
+ * cn_cache: the cache writer actor, a child of the state writer.
+ *
+ * The state writer hands every committed batch of server records to this
+ * actor (PUSH to CN_CACHE_ENDPOINT, one "cache_puts" message per batch,
+ * proto/writer.md) and goes on with the next transaction; this actor writes
+ * them through to Redis (versioned, pipelined: cn_redis_cache_apply). Redis
+ * is a cache: it is never on the commit path, and a slow or dead Redis never
+ * holds a sysinfo ack.
+ *
+ * Redis down: the uuids it could not update are remembered and dropped from
+ * Redis when it comes back (readers then refill from PostgreSQL); past
+ * CN_CACHE_DIRTY_MAX of them the whole server cache is dropped instead.
+ *
+ *   cn_cache_stats_t stats = { 0 };
+ *   cn_cache_args_t args = { cfg, &stats };
+ *   zactor_t *c = zactor_new (cn_cache_actor, &args);   // binds, then signals
+ *
+ * Pipe: $TERM. Counters are read from *stats (atomics) by the writer's STATUS.
+ */
+#ifndef CN_CACHE_H
+#define CN_CACHE_H
+
+#include <czmq.h>
+#include <stdatomic.h>
+
+#include "cn_config.h"
+
+#define CN_CACHE_ENDPOINT "inproc://cnapi-cache"
+#define CN_CACHE_DIRTY_MAX 100000
+
+typedef struct {
+    atomic_bool connected;
+    atomic_ullong batches, records, failures, dirty, queued;
+} cn_cache_stats_t;
+
+typedef struct {
+    const cn_config_t *cfg;
+    cn_cache_stats_t *stats;
+} cn_cache_args_t;
+
+void cn_cache_actor (zsock_t *pipe, void *args);
+
+#endif
