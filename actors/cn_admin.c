@@ -71,6 +71,39 @@ s_ask (self_t *self, size_t i)
     return out;
 }
 
+/* SESSIONS [offset] [limit]: the sessions actor's page of this instance's
+ * agent sessions (it asks the hub in the h2o thread; 2 s bound). */
+static json_t *
+s_sessions (self_t *self, const char *offset, const char *limit)
+{
+    size_t i = 0;
+    while (i < self->npeers && !streq (self->names[i], "sessions"))
+        i++;
+    if (i == self->npeers)
+        return json_pack ("{s:s}", "error", "no sessions actor");
+    zsock_t *d = self->peers[i];
+    for (int k = 0; k < 64; k++) {
+        zmsg_t *stale = zmsg_recv_nowait (d);
+        if (!stale)
+            break;
+        zmsg_destroy (&stale);
+    }
+    zstr_sendx (d, "", "SESSIONS", offset && *offset ? offset : "0",
+                limit && *limit ? limit : "1000", NULL);
+    zpoller_t *p = zpoller_new (d, NULL);
+    void *ready = zpoller_wait (p, 2000);
+    zpoller_destroy (&p);
+    if (!ready)
+        return json_pack ("{s:s}", "error", "timeout");
+    char *empty = NULL, *text = NULL;
+    zstr_recvx (d, &empty, &text, NULL);
+    json_error_t jerr;
+    json_t *out = text ? json_loads (text, 0, &jerr) : NULL;
+    zstr_free (&empty);
+    zstr_free (&text);
+    return out ? out : json_pack ("{s:s}", "error", "unreadable answer");
+}
+
 static json_t *
 s_own_status (self_t *self)
 {
@@ -140,6 +173,11 @@ s_on_router (zloop_t *loop, zsock_t *router, void *arg)
         if (!reply)
             reply = json_pack ("{s:s}", "level", cn_log_level_name (cn_log_level ()));
     }
+    else if (cmd && streq (cmd, "SESSIONS")) {
+        char *limit = zmsg_popstr (msg);
+        reply = s_sessions (self, param, limit);
+        zstr_free (&limit);
+    }
     else if (cmd && streq (cmd, "CONFIG")) {
         char *text = cn_config_dump (self->cfg);
         json_error_t jerr;
@@ -149,7 +187,7 @@ s_on_router (zloop_t *loop, zsock_t *router, void *arg)
     if (!reply) {
         self->bad_requests++;
         reply = json_pack ("{s:s,s:s}", "error", "unknown command", "commands",
-                           "STATUS ACTORS LOGLEVEL [level] CONFIG");
+                           "STATUS ACTORS LOGLEVEL [level] CONFIG SESSIONS [offset] [limit]");
     }
     char *text = json_dumps (reply, JSON_COMPACT);
     json_decref (reply);

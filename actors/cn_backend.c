@@ -141,6 +141,27 @@ cn_backend_splice_status (char *out, const char *status, const char *view, size_
     return (size_t) (o - out);
 }
 
+size_t
+cn_backend_splice_view (char *out, const char *status, int64_t last_heartbeat_ms,
+                        const char *view, size_t view_len)
+{
+    char iso[32];
+    int n = last_heartbeat_ms > 0
+            ? sprintf (out, "{\"status\":\"%s\",\"last_heartbeat\":\"%s\"", status,
+                       cn_iso8601 (last_heartbeat_ms, iso, sizeof iso))
+            : sprintf (out, "{\"status\":\"%s\",\"last_heartbeat\":null", status);
+    char *o = out + n;
+    if (view_len > 2) {
+        *o++ = ',';
+        memcpy (o, view + 1, view_len - 1);
+        o += view_len - 1;
+    }
+    else
+        *o++ = '}';
+    *o = 0;
+    return (size_t) (o - out);
+}
+
 static void
 s_count (backend_t *self, int status)
 {
@@ -576,14 +597,19 @@ s_op_server_get (backend_t *self, const cn_msg_t *m, rctx_t *c)
 
     int64_t now = cn_now_ms ();
     int fresh = self->cfg->sysinfo_freshness_s;
-    json_t *view = cn_server_render (rec, true, 0, NULL, 0, now, fresh);
-    const char *st = cn_server_status (rec, now, fresh);
+    const cn_liveness_t *live = self->args->live;
+    json_t *view = cn_server_render (rec, true, 0, NULL, 0, now, fresh, live);
+    const char *st = cn_server_status (rec, now, fresh, live);
+    int64_t hb = 0;
+    if (!cn_server_last_heartbeat (rec, live, &hb))
+        hb = 0;
     char *text = NULL;
     if (view) {
         /* The body is built as the gateway's near cache builds it (status
-         * first, then the rest of the view), so both paths answer the same
-         * bytes. */
+         * and last_heartbeat first, then the rest of the view), so both
+         * paths answer the same bytes. */
         json_object_del (view, "status");
+        json_object_del (view, "last_heartbeat");
         text = json_dumps (view, CN_BACKEND_JSON_FLAGS);
     }
     if (!text || text[0] != '{' || !st) {
@@ -599,10 +625,10 @@ s_op_server_get (backend_t *self, const cn_msg_t *m, rctx_t *c)
     cn_backend_reply_t *r = cn_backend_reply_new (c->id);
     r->status = 200;
     r->ctype = CT_JSON;
-    r->body = malloc (vlen + strlen (st) + 16);
+    r->body = malloc (vlen + strlen (st) + 64);
     if (!r->body)
         abort ();
-    r->len = cn_backend_splice_status (r->body, st, text, vlen);
+    r->len = cn_backend_splice_view (r->body, st, hb, text, vlen);
 
     bool fill = false;
     if (cn_msg_bool (m, "fill", &fill) && fill) {
@@ -610,8 +636,11 @@ s_op_server_get (backend_t *self, const cn_msg_t *m, rctx_t *c)
          * status per response from a small copy of the record; cache only
          * when that copy gives the same status as the whole record. */
         json_t *inputs = cn_backend_status_inputs (rec);
-        const char *st_small = cn_server_status (inputs, now, fresh);
-        if (st_small && strcmp (st, st_small) == 0) {
+        const char *st_small = cn_server_status (inputs, now, fresh, live);
+        int64_t hb_small = 0;
+        if (!cn_server_last_heartbeat (inputs, live, &hb_small))
+            hb_small = 0;
+        if (st_small && strcmp (st, st_small) == 0 && hb == hb_small) {
             r->fill = true;
             r->view = text;
             r->view_len = vlen;
@@ -677,7 +706,8 @@ s_list_row (const cn_mobj_t *obj, void *arg)
     }
     json_t *view = cn_server_render (rec, false, lc->q->extras, lc->q->fields,
                                      lc->q->nfields, lc->now,
-                                     lc->self->cfg->sysinfo_freshness_s);
+                                     lc->self->cfg->sysinfo_freshness_s,
+                                     lc->self->args->live);
     json_decref (rec);
     if (!view)
         return 0;

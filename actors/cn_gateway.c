@@ -63,6 +63,8 @@
 #include "cn_actor.h"
 #include "cn_backend.h"
 #include "cn_config.h"
+#include "cn_hub.h"
+#include "cn_liveness.h"
 #include "cn_log.h"
 #include "cn_msg.h"
 #include "cn_redis.h"
@@ -169,6 +171,10 @@ struct gw {
     zactor_t **backends;
     cn_backend_args_t *bargs;
     int nbackends;
+
+    /* agent sessions (cn_hub: in the h2o thread) and the status table */
+    cn_hub_t *hub;
+    cn_liveness_t *live;
 
     /* h2o thread only */
     pending_t *ptable[PENDING_BUCKETS];
@@ -627,12 +633,17 @@ s_nc_answer (gw_t *gw, h2o_req_t *req, const char *uuid, h2o_iovec_t req_id,
         s_nc_drop_body (gw, e);
         return false;
     }
+    /* status and last_heartbeat are per response: the session status table
+     * is read here (one hash lookup under its read lock) */
     const char *st = cn_server_status (e->status_rec, cn_now_ms (),
-                                       gw->cfg->sysinfo_freshness_s);
+                                       gw->cfg->sysinfo_freshness_s, gw->live);
     if (!st)
         return false;
-    char *body = h2o_mem_alloc_pool (&req->pool, e->view_len + strlen (st) + 16);
-    size_t len = cn_backend_splice_status (body, st, e->view, e->view_len);
+    int64_t hb = 0;
+    if (!cn_server_last_heartbeat (e->status_rec, gw->live, &hb))
+        hb = 0;
+    char *body = h2o_mem_alloc_pool (&req->pool, e->view_len + strlen (st) + 64);
+    size_t len = cn_backend_splice_view (body, st, hb, e->view, e->view_len);
     s_nc_lru_unlink (e);
     s_nc_lru_front (gw, e);
     s_respond (gw, req, req_id, start_ms, start_us, 200, CT_JSON, body, len, true);
@@ -701,7 +712,7 @@ s_on_invals (h2o_multithread_receiver_t *rx, h2o_linklist_t *messages)
 /* ------------------------------------------------------------------ */
 /* Requests                                                             */
 
-enum { R_NONE, R_PING, R_SERVERS, R_SERVER, R_SERVER_SYSINFO };
+enum { R_NONE, R_PING, R_SERVERS, R_SERVER, R_SERVER_SYSINFO, R_SESSION };
 
 typedef struct {
     int route;
@@ -733,6 +744,10 @@ s_route (const h2o_req_t *req, route_t *rt)
     }
     if (n == 1 && h2o_memis (seg[0].base, seg[0].len, H2O_STRLIT ("ping")))
         rt->route = R_PING;
+    else
+    if (n == 2 && h2o_memis (seg[0].base, seg[0].len, H2O_STRLIT ("agent"))
+        && h2o_memis (seg[1].base, seg[1].len, H2O_STRLIT ("session")))
+        rt->route = R_SESSION;
     else
     if (n >= 1 && n <= 3 && h2o_memis (seg[0].base, seg[0].len, H2O_STRLIT ("servers"))) {
         if (n == 1)
@@ -795,6 +810,49 @@ s_op (const h2o_req_t *req, int route)
     }
 }
 
+/* GET /agent/session (proto/session.md): a WebSocket upgrade naming its
+ * server in x-server-uuid; anything else on this path is a 400. */
+static void
+s_on_session (gw_t *gw, h2o_req_t *req, h2o_iovec_t req_id, uint64_t start_ms,
+              int64_t start_us)
+{
+    const char *why = NULL;
+    char uuid[37] = "";
+    ssize_t ui = h2o_find_header_by_str (&req->headers, H2O_STRLIT ("x-server-uuid"), -1);
+    ssize_t ki = h2o_find_header_by_str (&req->headers, H2O_STRLIT ("sec-websocket-key"), -1);
+    ssize_t vi = h2o_find_header_by_str (&req->headers, H2O_STRLIT ("sec-websocket-version"), -1);
+    h2o_iovec_t key = ki >= 0 ? req->headers.entries[ki].value : h2o_iovec_init (NULL, 0);
+    if (!s_is_method (req, H2O_STRLIT ("GET")) || !req->upgrade.base
+        || !h2o_lcstris (req->upgrade.base, req->upgrade.len, H2O_STRLIT ("websocket")))
+        why = "this path takes a WebSocket upgrade only (GET, Connection: upgrade, "
+              "Upgrade: websocket)";
+    else if (req->version != 0x101)
+        why = "a WebSocket upgrade needs HTTP/1.1";
+    else if (vi < 0 || !h2o_memis (req->headers.entries[vi].value.base,
+                                   req->headers.entries[vi].value.len, H2O_STRLIT ("13")))
+        why = "sec-websocket-version must be 13";
+    else if (ki < 0)
+        why = "sec-websocket-key is missing";
+    else if (ui < 0)
+        why = "x-server-uuid is missing";
+    else {
+        h2o_iovec_t v = req->headers.entries[ui].value;
+        char tmp[37] = "";
+        if (v.len == 36)
+            memcpy (tmp, v.base, 36);
+        if (!cn_uuid_normalize (tmp, uuid))
+            why = "x-server-uuid is not a UUID";
+    }
+    if (!why && !gw->hub)
+        why = "sessions are not enabled";
+    if (!why && cn_hub_on_req (gw->hub, req, uuid, key, &why) == 0) {
+        s_count_status (gw, 101);
+        s_log_request (gw, req, req_id, start_us, 101);
+        return;
+    }
+    s_respond_error (gw, req, req_id, start_ms, start_us, 400, "BadRequest", "%s", why);
+}
+
 static int
 s_on_req (h2o_handler_t *self, h2o_req_t *req)
 {
@@ -806,6 +864,10 @@ s_on_req (h2o_handler_t *self, h2o_req_t *req)
 
     route_t rt;
     s_route (req, &rt);
+    if (rt.route == R_SESSION) {
+        s_on_session (gw, req, req_id, start_ms, start_us);
+        return 0;
+    }
     if (rt.route == R_NONE) {
         s_respond_error (gw, req, req_id, start_ms, start_us, 404, "ResourceNotFound",
                          "%.*s does not exist", (int) req->input.path.len, req->input.path.base);
@@ -1042,8 +1104,14 @@ s_h2o_thread (void *arg)
      * we speak HTTP/1 only.) */
     gw->ctx.shutdown_requested = 1;
     uint64_t deadline = h2o_now (gw->evloop) + SHUTDOWN_GRACE_MS;
+    /* Agents first: goaway "shutdown" and close 1001, so they reconnect to
+     * another instance at once; their sockets close once the close frame is
+     * out and the agent answered (the hub's own lingering close). */
+    if (gw->hub)
+        cn_hub_shutdown (gw->hub);
     for (conn_t *c = gw->conns.next; c != &gw->conns; c = c->next)
-        shutdown (h2o_socket_get_fd (c->sock), SHUT_RD);
+        if (!gw->hub || !cn_hub_is_session (gw->hub, c->sock))
+            shutdown (h2o_socket_get_fd (c->sock), SHUT_RD);
     while ((gw->conns.next != &gw->conns || gw->npending)
            && h2o_now (gw->evloop) < deadline)
         h2o_evloop_run (gw->evloop, 10);
@@ -1293,7 +1361,10 @@ s_stop (gw_t *gw)
         pthread_join (gw->thread, NULL);
         gw->thread_running = false;
     }
-    /* 2. the subscription */
+    /* 2. the sessions actor and what is left of the sessions (the h2o
+     * thread is gone: this thread may touch its objects now) */
+    cn_hub_destroy (&gw->hub);
+    /* the subscription */
     if (gw->sub_up) {
         zmq_pollitem_t item = { NULL, gw->sub_fd, ZMQ_POLLIN, 0 };
         zloop_poller_end (gw->loop, &item);
@@ -1312,6 +1383,7 @@ s_stop (gw_t *gw)
     free (gw->bargs);
     gw->bargs = NULL;
     gw->nbackends = 0;
+    cn_liveness_destroy (&gw->live);
     zsock_destroy (&gw->push);
     if (gw->ctl) {
         zloop_reader_end (gw->loop, gw->ctl);
@@ -1408,6 +1480,7 @@ s_start (gw_t *gw, char *reason, size_t rlen)
     h2o_multithread_register_receiver (gw->ctx.queue, &gw->reply_rx, s_on_replies);
     h2o_multithread_register_receiver (gw->ctx.queue, &gw->inval_rx, s_on_invals);
     gw->rx_registered = true;
+    gw->live = cn_liveness_new ();
     uint64_t tmo = 3 * (uint64_t) cfg->pg_timeout_ms + 2 * (uint64_t) cfg->redis_timeout_ms + 5000;
     h2o_timeout_init (gw->evloop, &gw->req_timeout, tmo);
     gw->timeout_ready = true;
@@ -1427,6 +1500,7 @@ s_start (gw_t *gw, char *reason, size_t rlen)
         gw->bargs[i].cfg = cfg;
         gw->bargs[i].receiver = &gw->reply_rx;
         gw->bargs[i].index = i;
+        gw->bargs[i].live = gw->live;
         gw->backends[i] = zactor_new (cn_backend_actor, &gw->bargs[i]);
         gw->nbackends = i + 1;
         if (!gw->backends[i]) {
@@ -1444,6 +1518,12 @@ s_start (gw_t *gw, char *reason, size_t rlen)
         }
         free (ok);
     }
+
+    /* agent sessions: the hub lives in the h2o thread; its sessions actor
+     * loads the status table now (bounded by the store's timeout) */
+    gw->hub = cn_hub_new (cfg, &gw->ctx, gw->live);
+    if (cn_hub_start (gw->hub, reason, rlen) != 0)
+        goto fail;
 
     /* invalidations for the near cache */
     gw->sub = cn_redis_new (cfg->redis_url, cfg->redis_timeout_ms, "gateway");

@@ -31,6 +31,7 @@
 #include "cn_actor.h"
 #include "cn_config.h"
 #include "cn_health.h"
+#include "cn_liveness.h"
 #include "cn_log.h"
 #include "cn_moray.h"
 #include "cn_msg.h"
@@ -46,7 +47,7 @@
 #define RECORD_CACHE_MAX 50000
 #define COMPONENT "writer"
 
-typedef enum { REQ_SYSINFO, REQ_UPDATE, REQ_DELETE } s_kind_t;
+typedef enum { REQ_SYSINFO, REQ_UPDATE, REQ_DELETE, REQ_VMS, REQ_VM_EVENT } s_kind_t;
 
 typedef struct {
     zframe_t *identity;       /* the client's ROUTER identity */
@@ -56,9 +57,13 @@ typedef struct {
     bool from_http;
     int64_t sent_ms;
     int64_t received_ms;
-    json_t *body;             /* sysinfo object, or update params */
+    json_t *body;             /* sysinfo object, update params, vms map, or VM */
     char *raw;                /* sysinfo: the JSON text as received */
     size_t raw_len;
+    uint64_t epoch;           /* vms: the session's ownership epoch */
+    uint64_t seq;             /* vm_event */
+    char vm_uuid[37];         /* vm_event */
+    char event[16];           /* vm_event */
 } s_req_t;
 
 typedef struct {
@@ -187,6 +192,10 @@ s_decode (self_t *self, zframe_t *identity, zframe_t *frame)
         req->kind = REQ_UPDATE;
     else if (cn_msg_is (&m, "delete_server"))
         req->kind = REQ_DELETE;
+    else if (cn_msg_is (&m, "vms"))
+        req->kind = REQ_VMS;
+    else if (cn_msg_is (&m, "vm_event"))
+        req->kind = REQ_VM_EVENT;
     else
         why = "unknown request type";
     size_t len = 0;
@@ -222,6 +231,42 @@ s_decode (self_t *self, zframe_t *identity, zframe_t *frame)
         req->body = body ? json_loadb (body, len, 0, &jerr) : NULL;
         if (!json_is_object (req->body))
             why = "request has no params object";
+    }
+    else if (!why && req->kind == REQ_VMS) {
+        const char *body = cn_msg_str (&m, "vms", &len);
+        json_error_t jerr;
+        req->body = body ? json_loadb (body, len, 0, &jerr) : NULL;
+        if (!json_is_object (req->body))
+            why = "request has no vms object";
+        else if (!cn_msg_uint (&m, "epoch", &req->epoch))
+            why = "request has no epoch";
+    }
+    else if (!why && req->kind == REQ_VM_EVENT) {
+        size_t vlen = 0, elen = 0;
+        const char *vm_uuid = cn_msg_str (&m, "vm_uuid", &vlen);
+        const char *event = cn_msg_str (&m, "event", &elen);
+        const char *vm = cn_msg_str (&m, "vm", &len);
+        char tmp[37] = "";
+        if (vm_uuid && vlen == 36)
+            memcpy (tmp, vm_uuid, 36);
+        if (!cn_uuid_normalize (tmp, req->vm_uuid))
+            why = "request has no valid vm_uuid";
+        else if (!event || elen == 0 || elen >= sizeof req->event)
+            why = "request has no event";
+        else if (!cn_msg_uint (&m, "seq", &req->seq))
+            why = "request has no seq";
+        else {
+            memcpy (req->event, event, elen);
+            req->event[elen] = 0;
+            json_error_t jerr;
+            req->body = vm ? json_loadb (vm, len, 0, &jerr) : NULL;
+            bool destroy = strcmp (req->event, "destroy") == 0;
+            if (!destroy && strcmp (req->event, "create") != 0
+                && strcmp (req->event, "state") != 0 && strcmp (req->event, "update") != 0)
+                why = "unknown vm event";
+            else if (!destroy && !json_is_object (req->body))
+                why = "request has no vm object";
+        }
     }
     cn_msg_fini (&m);
     if (why)
@@ -276,6 +321,7 @@ typedef struct {
     bool deleted;
     int64_t version;
     const s_req_t *si_req;    /* the sysinfo request whose tree rec holds */
+    int64_t session_epoch;    /* vms: the cnapi_status row's epoch; -1 unknown */
 } s_row_t;
 
 /* The stored text of a record. When the record's sysinfo is the tree parsed
@@ -369,6 +415,45 @@ s_apply_one (self_t *self, s_req_t *req, s_row_t *row, s_res_t *res)
         s_fail (res, 404, "ResourceNotFound", "failed", "Server %s not found", req->uuid);
         return;
     }
+    if (req->kind == REQ_VMS || req->kind == REQ_VM_EVENT) {
+        /* a stale owner's state must not land after the new owner's */
+        if (req->kind == REQ_VMS && row->session_epoch > (int64_t) req->epoch) {
+            s_fail (res, 409, "Conflict", "fenced",
+                    "epoch %llu is older than the session's epoch %lld",
+                    (unsigned long long) req->epoch, (long long) row->session_epoch);
+            return;
+        }
+        /* row->rec may be shared with the record cache: change a copy (top
+         * level shared, the VM maps copied) */
+        json_t *copy = json_copy (row->rec);
+        const char *deep[] = { "vms", "vms_destroyed" };
+        for (int k = 0; k < 2; k++) {
+            json_t *v = json_object_get (copy, deep[k]);
+            if (v)
+                json_object_set_new (copy, deep[k], json_deep_copy (v));
+        }
+        cn_srv_result_t r = req->kind == REQ_VMS
+            ? cn_server_apply_vms (copy, req->body, req->received_ms)
+            : cn_server_apply_vm_event (copy, req->vm_uuid, req->event, req->seq,
+                                        req->body, req->received_ms);
+        if (r == CN_SRV_WRITE) {
+            json_decref (row->rec);
+            row->rec = copy;
+            row->dirty = true;
+            res->outcome = "written";
+            return;
+        }
+        json_decref (copy);
+        if (r == CN_SRV_STALE) {
+            res->outcome = "stale";
+            self->stale++;
+        }
+        else {
+            res->outcome = "unchanged";
+            self->unchanged++;
+        }
+        return;
+    }
     if (req->kind == REQ_DELETE) {
         json_decref (row->rec);
         row->rec = NULL;
@@ -428,6 +513,28 @@ s_run_batch (self_t *self, s_req_t **reqs, size_t n, s_res_t *res)
     if (rc != CN_MORAY_OK) {
         out = rc == CN_MORAY_EIO ? RUN_EIO : RUN_ERROR;
         goto done;
+    }
+    /* the session epochs of servers that get a VM state (fencing) */
+    for (size_t i = 0; i < nrows; i++)
+        rows[i].session_epoch = -1;
+    for (size_t i = 0; i < n; i++) {
+        s_row_t *row = s_row_find (rows, nrows, reqs[i]->uuid);
+        if (reqs[i]->kind != REQ_VMS || row->session_epoch >= 0)
+            continue;
+        cn_mobj_t so;
+        memset (&so, 0, sizeof so);
+        int src = cn_moray_get (self->moray, CN_BUCKET_STATUS, row->uuid, &so);
+        if (src == CN_MORAY_OK) {
+            cn_status_row_t sr;
+            if (cn_status_row_parse (so.value, so.value_len, &sr) == 0)
+                row->session_epoch = (int64_t) sr.epoch;
+            cn_mobj_fini (&so);
+        }
+        else if (src == CN_MORAY_EIO) {
+            out = RUN_EIO;
+            goto done;
+        }
+        /* no bucket yet, no row: nobody else can have claimed it */
     }
     for (size_t i = 0; i < nrows; i++) {
         if (objs[i].key) {

@@ -10,6 +10,11 @@
  *   "ACTORS"          the same actors map alone
  *   "LOGLEVEL" [lvl]  {"level": "<name>"} (sets it when lvl is given)
  *   "CONFIG"          the effective configuration (secrets masked)
+ *   "SESSIONS" [offset] [limit]
+ *                     {instance, total, offset, sessions: [{server_uuid, epoch,
+ *                     heartbeat_age_ms, connected_s, remote, state}]}: this
+ *                     instance's agent sessions by server_uuid, a page of at
+ *                     most limit (default 1000, at most 5000)
  * Actors are asked over their control sockets (cn_actor.h) with a 1 s timeout;
  * an actor that does not answer shows {"error": "timeout"}.
  */

@@ -32,11 +32,13 @@
 #include <h2o.h>
 
 #include "cn_config.h"
+#include "cn_liveness.h"
 
 typedef struct {
     const cn_config_t *cfg;
     h2o_multithread_receiver_t *receiver;   /* the gateway's reply queue */
     int index;                              /* 0..backend_threads-1, for logs */
+    const cn_liveness_t *live;              /* the status table (may be NULL) */
 } cn_backend_args_t;
 
 /* One answer to one gateway request. */
@@ -74,6 +76,15 @@ void cn_backend_reply_free (cn_backend_reply_t **p);
  * text starting with '{'. Returns the length written (NUL-terminated). */
 size_t cn_backend_splice_status (char *out, const char *status, const char *view,
                                  size_t view_len);
+
+/* Write {"status":"<status>","last_heartbeat":<ISO string or null>,<view
+ * without its leading '{'> into out (room for view_len + strlen (status) +
+ * 64 bytes); last_heartbeat_ms <= 0 writes null. view is a JSON object's
+ * text starting with '{' and holding neither member. Both the backend and
+ * the gateway's near cache build GET /servers/:uuid bodies with this, so
+ * both answer the same bytes. Returns the length written (NUL-terminated). */
+size_t cn_backend_splice_view (char *out, const char *status, int64_t last_heartbeat_ms,
+                               const char *view, size_t view_len);
 
 /* The inputs cn_server_status needs from a record: a small copy that the
  * gateway's near cache can keep per server (new reference). */

@@ -38,6 +38,15 @@ typedef struct {
     int   sysinfo_freshness_s;/* 90: unsetup servers go unknown after this */
     int   writer_max_batch;   /* 500 messages per transaction */
     int   backend_threads;    /* 2 read workers for the HTTP gateway */
+
+    /* agent sessions (docs/sessions.md) */
+    int   session_heartbeat_ms;   /* 1000: hb to each agent this often */
+    int   session_dead_after_ms;  /* 3000: silence that ends a session */
+    int   session_flush_ms;       /* 5000: batched last_heartbeat writes */
+    int   session_owner_grace_ms; /* 5000: a dead instance's servers go unknown
+                                     after this, unless their agents came back */
+    int   session_close_grace_ms; /* 500: a closed session is released after this,
+                                     unless its agent is back (quick retry) */
 } cn_config_t;
 
 /* Load path (NULL: defaults only), then apply CNAPI_* overrides.

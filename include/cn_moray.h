@@ -118,5 +118,12 @@ typedef struct {
 /* Runs inside the caller's transaction if one is open, else in its own.
  * On CN_MORAY_CONFLICT, *failed (may be NULL) is the index of the op. */
 int cn_moray_batch (cn_moray_t *m, cn_mop_t *ops, size_t n, size_t *failed);
+/* The same, but each op's condition is its own: an op whose etag condition
+ * fails (or a delete of a missing object) is skipped and the others are
+ * still written. applied[i] (n entries) tells which ops were written (their
+ * out_etag/out_id set). CN_MORAY_OK even when some were skipped; any other
+ * code means nothing was written (applied all false). The fencing writes of
+ * the sessions actor use it: one statement for many rows, each guarded. */
+int cn_moray_batch_partial (cn_moray_t *m, cn_mop_t *ops, size_t n, bool *applied);
 
 #endif

@@ -33,6 +33,7 @@
 typedef struct {
     msgpack_sbuffer sbuf;
     msgpack_packer pk;
+    uint32_t want, have;      /* fields declared at init, keys written (asserted equal) */
 } cn_msgw_t;
 
 /* Start a message of `type` that will hold nfields more key/value pairs. */

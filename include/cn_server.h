@@ -22,6 +22,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "cn_liveness.h"
 #include "cn_moray.h"
 
 #define CN_BUCKET_SERVERS "cnapi_servers"
@@ -74,10 +75,38 @@ cn_srv_result_t cn_server_apply_sysinfo (const json_t *existing, const json_t *s
                                          const cn_sysinfo_ctx_t *ctx, json_t **out);
 
 /* "running", "unknown" or "rebooting" (from transitional_status).
- * running while last_sysinfo is within the freshness window; otherwise
- * "rebooting" when transitional_status is "rebooting" (as the reference, it
- * only explains an unreachable server), else "unknown". */
-const char *cn_server_status (const json_t *rec, int64_t now_ms, int freshness_s);
+ * When live (the status table, may be NULL) holds a row for the record's
+ * uuid, the agent session decides: running while the row says running.
+ * Otherwise (no session row: an unsetup server, or no table) running while
+ * last_sysinfo is within the freshness window. When not running: "rebooting"
+ * when transitional_status is "rebooting" (as the reference, it only
+ * explains an unreachable server), else "unknown". */
+const char *cn_server_status (const json_t *rec, int64_t now_ms, int freshness_s,
+                              const cn_liveness_t *live);
+
+/* The record's last heartbeat in ms: the session row's last_heartbeat when
+ * live holds a row for it, else last_sysinfo. false when there is none. */
+bool cn_server_last_heartbeat (const json_t *rec, const cn_liveness_t *live, int64_t *ms);
+
+/* VM state from the agent (docs/server-record.md, "VMs"). Each VM carries
+ * its own "seq" (grows with every change of that VM); a change older than
+ * what the record holds (the VM's seq, or the seq of its remembered destroy
+ * in the internal vms_destroyed) is ignored, so the same event arriving
+ * over AMQP and over the session is applied once, in order.
+ *
+ * cn_server_apply_vms: the agent's full state (hello): every VM it reports
+ * replaces the stored one unless the stored one is newer; stored VMs it
+ * does not report are dropped. CN_SRV_WRITE when rec changed (rec is
+ * changed in place), else CN_SRV_UNCHANGED. vms must be an object of
+ * objects (other members are skipped). */
+cn_srv_result_t cn_server_apply_vms (json_t *rec, const json_t *vms, int64_t now_ms);
+
+/* One VM event: event "destroy" removes the VM (and remembers the seq);
+ * "create", "state", "update" store vm (an object, required) with its seq.
+ * CN_SRV_WRITE (rec changed in place), CN_SRV_STALE (seq not newer), or
+ * CN_SRV_UNCHANGED (same VM object already stored). */
+cn_srv_result_t cn_server_apply_vm_event (json_t *rec, const char *vm_uuid, const char *event,
+                                          uint64_t seq, const json_t *vm, int64_t now_ms);
 
 enum {
     CN_EXTRA_AGENTS = 1, CN_EXTRA_VMS = 2, CN_EXTRA_MEMORY = 4, CN_EXTRA_DISK = 8,
@@ -102,7 +131,7 @@ void cn_server_query_fini (cn_server_query_t *q);
  * is not an object. */
 json_t *cn_server_render (const json_t *rec, bool full, unsigned extras,
                           char *const *fields, size_t nfields,
-                          int64_t now_ms, int freshness_s);
+                          int64_t now_ms, int freshness_s, const cn_liveness_t *live);
 
 /* POST /servers/:uuid: check params strictly and apply them to rec.
  * 0 on success; -1 with err set (409 InvalidArgument for an unknown

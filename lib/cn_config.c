@@ -52,6 +52,11 @@ static const s_key_t s_keys[] = {
     I ("sysinfo_freshness_s", sysinfo_freshness_s, 90, 1, 86400),
     I ("writer.max_batch", writer_max_batch, 500, 1, 10000),
     I ("backend_threads", backend_threads, 2, 1, 64),
+    I ("session.heartbeat_ms", session_heartbeat_ms, 1000, 50, 60000),
+    I ("session.dead_after_ms", session_dead_after_ms, 3000, 150, 300000),
+    I ("session.flush_ms", session_flush_ms, 5000, 100, 600000),
+    I ("session.owner_grace_ms", session_owner_grace_ms, 5000, 0, 600000),
+    I ("session.close_grace_ms", session_close_grace_ms, 500, 0, 60000),
 };
 #define NKEYS (sizeof s_keys / sizeof s_keys[0])
 

@@ -2623,10 +2623,15 @@ s_op_class (const cn_mop_t *op)
     return !op->etag ? 0 : !*op->etag ? 1 : 2;
 }
 
-int
-cn_moray_batch (cn_moray_t *m, cn_mop_t *ops, size_t n, size_t *failed)
+/* The batch; applied != NULL: a failed condition (or a missing object to
+ * delete) skips that op instead of failing the batch (cn_moray_batch_partial). */
+static int
+s_batch (cn_moray_t *m, cn_mop_t *ops, size_t n, size_t *failed, bool *applied)
 {
     S_ENTER (m);
+    if (applied)
+        for (size_t i = 0; i < n; i++)
+            applied[i] = false;
     if (n == 0)
         return CN_MORAY_OK;
     if (!ops) {
@@ -2688,6 +2693,16 @@ cn_moray_batch (cn_moray_t *m, cn_mop_t *ops, size_t n, size_t *failed)
                                 &prep[i], mtime, ops[i].out_etag, &ops[i].out_id);
             else
                 rc = s_del_one (m, ob[i], ops[i].key, ops[i].etag, &ops[i].out_id);
+            if (applied && (rc == CN_MORAY_CONFLICT || rc == CN_MORAY_NOTFOUND)) {
+                /* a failed UPDATE/DELETE ... WHERE does not abort the
+                 * transaction: go on with the next op */
+                ops[i].out_etag[0] = 0;
+                ops[i].out_id = 0;
+                rc = CN_MORAY_OK;
+                continue;
+            }
+            if (applied && rc == CN_MORAY_OK)
+                applied[i] = true;
             if (rc == CN_MORAY_CONFLICT || rc == CN_MORAY_NOTFOUND || rc == CN_MORAY_EINVAL)
                 bad = i;
         }
@@ -2708,6 +2723,11 @@ cn_moray_batch (cn_moray_t *m, cn_mop_t *ops, size_t n, size_t *failed)
                     idx[k++] = j;
             rc = s_batch_group (m, ob[i], ops, prep, idx, k, cls, mtime, &mp, ob, done);
         }
+        if (rc == CN_MORAY_OK && applied) {
+            for (size_t i = 0; i < n; i++)
+                applied[i] = done[i];
+        }
+        else
         if (rc == CN_MORAY_OK) {
             for (size_t i = 0; i < n && bad == SIZE_MAX; i++)
                 if (!done[i])
@@ -2735,6 +2755,8 @@ out:
         for (size_t i = 0; i < n; i++) {
             ops[i].out_etag[0] = 0;
             ops[i].out_id = 0;
+            if (applied)
+                applied[i] = false;
         }
         if (failed && bad != SIZE_MAX)
             *failed = bad;
@@ -2748,4 +2770,18 @@ out:
     free (idx);
     free (mp.slot);
     return rc;
+}
+
+int
+cn_moray_batch (cn_moray_t *m, cn_mop_t *ops, size_t n, size_t *failed)
+{
+    return s_batch (m, ops, n, failed, NULL);
+}
+
+int
+cn_moray_batch_partial (cn_moray_t *m, cn_mop_t *ops, size_t n, bool *applied)
+{
+    if (!applied)
+        return CN_MORAY_EINVAL;
+    return s_batch (m, ops, n, NULL, applied);
 }

@@ -822,17 +822,168 @@ cn_server_apply_sysinfo (const json_t *existing, const json_t *sysinfo,
 
 /* ---- status ---- */
 
-const char *
-cn_server_status (const json_t *rec, int64_t now_ms, int freshness_s)
+/* The session row of rec's server in live, if any. */
+static bool
+s_live_row (const json_t *rec, const cn_liveness_t *live, cn_status_row_t *row)
 {
-    json_t *last = json_object_get (rec, "last_sysinfo");
-    if (json_is_integer (last) &&
-        now_ms - json_integer_value (last) < (int64_t) freshness_s * 1000)
-        return "running";
+    const char *uuid = live ? s_str (rec, "uuid") : NULL;
+    char key[37];
+    return uuid && cn_uuid_normalize (uuid, key) && cn_liveness_get (live, key, row);
+}
+
+const char *
+cn_server_status (const json_t *rec, int64_t now_ms, int freshness_s,
+                  const cn_liveness_t *live)
+{
+    cn_status_row_t row;
+    if (s_live_row (rec, live, &row)) {
+        if (row.running)
+            return "running";
+    }
+    else {
+        json_t *last = json_object_get (rec, "last_sysinfo");
+        if (json_is_integer (last) &&
+            now_ms - json_integer_value (last) < (int64_t) freshness_s * 1000)
+            return "running";
+    }
     const char *ts = s_str (rec, "transitional_status");
     if (ts && strcmp (ts, "rebooting") == 0)
         return "rebooting";
     return "unknown";
+}
+
+bool
+cn_server_last_heartbeat (const json_t *rec, const cn_liveness_t *live, int64_t *ms)
+{
+    cn_status_row_t row;
+    if (s_live_row (rec, live, &row)) {
+        if (row.last_heartbeat_ms <= 0)
+            return false;
+        *ms = row.last_heartbeat_ms;
+        return true;
+    }
+    json_t *last = json_object_get (rec, "last_sysinfo");
+    if (!json_is_integer (last))
+        return false;
+    *ms = json_integer_value (last);
+    return true;
+}
+
+/* ---- VMs ---- */
+
+#define S_VM_TOMBSTONES_MAX 1000
+
+/* A VM's seq: its "seq" member (integer >= 0), else -1. */
+static int64_t
+s_vm_seq (const json_t *vm)
+{
+    json_t *s = json_object_get (vm, "seq");
+    return json_is_integer (s) && json_integer_value (s) >= 0 ? json_integer_value (s) : -1;
+}
+
+/* The seq of a remembered destroy of vm_uuid, else -1. */
+static int64_t
+s_tomb_seq (const json_t *rec, const char *vm_uuid)
+{
+    json_t *t = json_object_get (json_object_get (rec, "vms_destroyed"), vm_uuid);
+    return s_vm_seq (t);
+}
+
+/* Remember a destroy; keep at most S_VM_TOMBSTONES_MAX (the oldest go). */
+static void
+s_tomb_add (json_t *rec, const char *vm_uuid, uint64_t seq, int64_t now_ms)
+{
+    json_t *d = json_object_get (rec, "vms_destroyed");
+    if (!json_is_object (d)) {
+        d = json_object ();
+        json_object_set_new (rec, "vms_destroyed", d);
+    }
+    json_object_set_new (d, vm_uuid, json_pack ("{s:I,s:I}", "seq", (json_int_t) seq,
+                                                "at", (json_int_t) now_ms));
+    while (json_object_size (d) > S_VM_TOMBSTONES_MAX) {
+        const char *k, *oldest = NULL;
+        json_t *v;
+        json_int_t oldest_at = 0;
+        json_object_foreach (d, k, v) {
+            json_int_t at = json_integer_value (json_object_get (v, "at"));
+            if (!oldest || at < oldest_at) {
+                oldest = k;
+                oldest_at = at;
+            }
+        }
+        if (!oldest)
+            break;
+        json_object_del (d, oldest);
+    }
+}
+
+cn_srv_result_t
+cn_server_apply_vms (json_t *rec, const json_t *vms, int64_t now_ms)
+{
+    (void) now_ms;
+    json_t *old = json_object_get (rec, "vms");
+    json_t *out = json_object ();
+    const char *k;
+    json_t *vm;
+    if (!out)
+        abort ();
+    json_object_foreach ((json_t *) vms, k, vm) {
+        if (!json_is_object (vm))
+            continue;
+        int64_t seq = s_vm_seq (vm);
+        json_t *cur = json_object_get (old, k);
+        if (cur && s_vm_seq (cur) > seq)
+            json_object_set (out, k, cur);          /* we hold a newer one */
+        else if (s_tomb_seq (rec, k) >= 0 && s_tomb_seq (rec, k) >= seq)
+            continue;                               /* destroyed after this state */
+        else
+            json_object_set_new (out, k, json_deep_copy (vm));
+    }
+    if (json_is_object (old) && json_equal (old, out)) {
+        json_decref (out);
+        return CN_SRV_UNCHANGED;
+    }
+    json_object_set_new (rec, "vms", out);
+    s_recompute_provisionable (rec);
+    return CN_SRV_WRITE;
+}
+
+cn_srv_result_t
+cn_server_apply_vm_event (json_t *rec, const char *vm_uuid, const char *event,
+                          uint64_t seq, const json_t *vm, int64_t now_ms)
+{
+    json_t *vms = json_object_get (rec, "vms");
+    if (!json_is_object (vms)) {
+        vms = json_object ();
+        json_object_set_new (rec, "vms", vms);
+    }
+    json_t *cur = json_object_get (vms, vm_uuid);
+    int64_t have = s_vm_seq (cur);
+    int64_t tomb = s_tomb_seq (rec, vm_uuid);
+    if (tomb > have)
+        have = tomb;
+    if ((int64_t) seq <= have)
+        return CN_SRV_STALE;
+    if (strcmp (event, "destroy") == 0) {
+        json_object_del (vms, vm_uuid);
+        s_tomb_add (rec, vm_uuid, seq, now_ms);
+        s_recompute_provisionable (rec);
+        return CN_SRV_WRITE;
+    }
+    if (!json_is_object (vm))
+        return CN_SRV_STALE;
+    json_t *copy = json_deep_copy (vm);
+    json_object_set_new (copy, "seq", json_integer ((json_int_t) seq));
+    if (cur && json_equal (cur, copy)) {
+        json_decref (copy);
+        return CN_SRV_UNCHANGED;
+    }
+    json_object_set_new (vms, vm_uuid, copy);
+    json_t *d = json_object_get (rec, "vms_destroyed");
+    if (json_is_object (d))
+        json_object_del (d, vm_uuid);
+    s_recompute_provisionable (rec);
+    return CN_SRV_WRITE;
 }
 
 /* ---- GET /servers ---- */
@@ -1315,7 +1466,7 @@ s_del_prefix (json_t *o, const char *prefix)
 json_t *
 cn_server_render (const json_t *rec, bool full, unsigned extras,
                   char *const *fields, size_t nfields,
-                  int64_t now_ms, int freshness_s)
+                  int64_t now_ms, int freshness_s, const cn_liveness_t *live)
 {
     if (!json_is_object (rec))
         return NULL;
@@ -1328,12 +1479,14 @@ cn_server_render (const json_t *rec, bool full, unsigned extras,
     json_object_del (out, "sysinfo_ms");
     json_object_del (out, "last_sysinfo");
 
+    json_object_del (out, "vms_destroyed");
+
     json_object_set_new (out, "status",
-                         json_string (cn_server_status (rec, now_ms, freshness_s)));
+                         json_string (cn_server_status (rec, now_ms, freshness_s, live)));
     if (full || extras) {
-        json_t *last = json_object_get (rec, "last_sysinfo");
-        if (json_is_integer (last))
-            s_set_iso (out, "last_heartbeat", json_integer_value (last));
+        int64_t last;
+        if (cn_server_last_heartbeat (rec, live, &last))
+            s_set_iso (out, "last_heartbeat", last);
         else
             json_object_set_new (out, "last_heartbeat", json_null ());
     }

@@ -1,6 +1,7 @@
 /*
  * cn_msg: the msgpack envelope. See include/cn_msg.h and proto/README.md.
  */
+#include <assert.h>
 #include "cn_msg.h"
 
 #include <stdlib.h>
@@ -18,6 +19,8 @@ cn_msgw_init (cn_msgw_t *w, const char *type, uint32_t nfields)
 {
     msgpack_sbuffer_init (&w->sbuf);
     msgpack_packer_init (&w->pk, &w->sbuf, msgpack_sbuffer_write);
+    w->want = nfields;
+    w->have = 0;
     msgpack_pack_map (&w->pk, nfields + 2);
     s_pack_str (&w->pk, "v", 1);
     msgpack_pack_uint32 (&w->pk, CN_MSG_VERSION);
@@ -28,6 +31,7 @@ cn_msgw_init (cn_msgw_t *w, const char *type, uint32_t nfields)
 void
 cn_msgw_key (cn_msgw_t *w, const char *key)
 {
+    w->have++;
     s_pack_str (&w->pk, key, strlen (key));
 }
 
@@ -140,6 +144,8 @@ cn_msgw_json (cn_msgw_t *w, const char *key, const json_t *val)
 zframe_t *
 cn_msgw_frame (cn_msgw_t *w)
 {
+    /* a map that promises more or fewer pairs than it holds is unreadable */
+    assert (w->have == w->want);
     zframe_t *f = zframe_new (w->sbuf.data, w->sbuf.size);
     msgpack_sbuffer_destroy (&w->sbuf);
     msgpack_sbuffer_init (&w->sbuf);
@@ -149,6 +155,7 @@ cn_msgw_frame (cn_msgw_t *w)
 void
 cn_msgw_take (cn_msgw_t *w, char **data, size_t *size)
 {
+    assert (w->have == w->want);
     *size = w->sbuf.size;
     *data = msgpack_sbuffer_release (&w->sbuf);
     if (!*data) {

@@ -8,6 +8,10 @@
  *   actors          every actor's state and counters (table)
  *   loglevel [L]    show or set the log level (trace..fatal)
  *   config          the effective configuration (secrets masked)
+ *   sessions [OFFSET [LIMIT]]
+ *                   this instance's agent sessions: server uuid, epoch,
+ *                   heartbeat age, connected time, remote address (table; a
+ *                   page of LIMIT, default 1000, at most 5000, by uuid)
  * -j prints the JSON reply instead of a table. The endpoint comes from -e,
  * else from the config file's admin.endpoint (-c), else CNAPI_ADMIN_ENDPOINT.
  * Exit status: 0 ok, 1 no answer or an error reply, 2 usage.
@@ -31,6 +35,7 @@ s_usage (void)
              "  actors         each actor's state and counters\n"
              "  loglevel [L]   show or set the log level\n"
              "  config         the effective configuration\n"
+             "  sessions [OFFSET [LIMIT]]  agent sessions held by the instance\n"
              "options:\n"
              "  -e ENDPOINT    admin socket (e.g. ipc:///tmp/cnapid-x.sock, tcp://127.0.0.1:9100)\n"
              "  -c CONFIG      read admin.endpoint from this cnapid config\n"
@@ -50,6 +55,29 @@ s_print_value (const json_t *v)
         printf ("%s", t ? t : "?");
         free (t);
     }
+}
+
+static void
+s_print_sessions (const json_t *j)
+{
+    const json_t *list = json_object_get (j, "sessions");
+    printf ("%-36s %6s %10s %11s  %-21s %s\n", "SERVER_UUID", "EPOCH", "HB_AGE_MS",
+            "CONNECTED_S", "REMOTE", "STATE");
+    size_t i;
+    const json_t *e;
+    json_array_foreach (list, i, e) {
+        const char *st = json_string_value (json_object_get (e, "state"));
+        printf ("%-36s %6lld %10lld %11lld  %-21s %s\n",
+                json_string_value (json_object_get (e, "server_uuid")),
+                (long long) json_integer_value (json_object_get (e, "epoch")),
+                (long long) json_integer_value (json_object_get (e, "heartbeat_age_ms")),
+                (long long) json_integer_value (json_object_get (e, "connected_s")),
+                json_string_value (json_object_get (e, "remote")), st ? st : "");
+    }
+    printf ("%zu shown (from %lld) of %lld sessions on %s\n", json_array_size (list),
+            (long long) json_integer_value (json_object_get (j, "offset")),
+            (long long) json_integer_value (json_object_get (j, "total")),
+            json_string_value (json_object_get (j, "instance")));
 }
 
 static void
@@ -110,10 +138,12 @@ main (int argc, char **argv)
     }
     const char *cmd = argv[optind];
     const char *arg = optind + 1 < argc ? argv[optind + 1] : NULL;
+    const char *arg2 = optind + 2 < argc ? argv[optind + 2] : NULL;
     const char *wire = streq (cmd, "status") ? "STATUS"
                      : streq (cmd, "actors") ? "ACTORS"
                      : streq (cmd, "loglevel") ? "LOGLEVEL"
-                     : streq (cmd, "config") ? "CONFIG" : NULL;
+                     : streq (cmd, "config") ? "CONFIG"
+                     : streq (cmd, "sessions") ? "SESSIONS" : NULL;
     if (!wire) {
         fprintf (stderr, "cnapictl: unknown command '%s'\n", cmd);
         s_usage ();
@@ -146,6 +176,8 @@ main (int argc, char **argv)
     zmsg_addstr (msg, wire);
     if (arg)
         zmsg_addstr (msg, arg);
+    if (arg && arg2)
+        zmsg_addstr (msg, arg2);
     zmsg_send (&msg, req);
     char *reply = zstr_recv (req);
     int rc = 0;
@@ -183,6 +215,8 @@ main (int argc, char **argv)
         }
         else if (streq (wire, "ACTORS"))
             s_print_actors (j);
+        else if (streq (wire, "SESSIONS"))
+            s_print_sessions (j);
         else if (streq (wire, "LOGLEVEL"))
             printf ("%s\n", json_string_value (json_object_get (j, "level")));
         json_decref (j);

@@ -55,10 +55,15 @@ s_start (s_actor_t *a, const cn_config_t *cfg, s_actor_t *all, size_t nall)
         return -1;
     zmsg_t *msg = zmsg_new ();
     zmsg_addstr (msg, "START");
-    if (a->fn == cn_admin_actor)
+    if (a->fn == cn_admin_actor) {
         for (size_t i = 0; i < nall; i++)
             if (all[i].fn != cn_admin_actor)
                 zmsg_addstr (msg, all[i].name);
+        /* actors the gateway starts (sessions) and the sessions actor
+         * starts (vmevents): they bind control sockets too */
+        zmsg_addstr (msg, "sessions");
+        zmsg_addstr (msg, "vmevents");
+    }
     zmsg_send (&msg, a->actor);
     zsock_set_rcvtimeo (a->actor, 30000);
     char *status = NULL, *reason = NULL;

@@ -656,18 +656,18 @@ static void
 test_status (void)
 {
     json_t *rec = s_new_record ();
-    CHECK_STR (cn_server_status (rec, T0, FRESH), "running");
-    CHECK_STR (cn_server_status (rec, T0 + FRESH * 1000 - 1, FRESH), "running");
-    CHECK_STR (cn_server_status (rec, T0 + FRESH * 1000, FRESH), "unknown");
+    CHECK_STR (cn_server_status (rec, T0, FRESH, NULL), "running");
+    CHECK_STR (cn_server_status (rec, T0 + FRESH * 1000 - 1, FRESH, NULL), "running");
+    CHECK_STR (cn_server_status (rec, T0 + FRESH * 1000, FRESH, NULL), "unknown");
     json_object_set_new (rec, "transitional_status", json_string ("rebooting"));
     /* transitional_status explains an unreachable server; while sysinfo is
      * fresh the server is running (the reference's rule) */
-    CHECK_STR (cn_server_status (rec, T0, FRESH), "running");
-    CHECK_STR (cn_server_status (rec, T0 + FRESH * 1000, FRESH), "rebooting");
+    CHECK_STR (cn_server_status (rec, T0, FRESH, NULL), "running");
+    CHECK_STR (cn_server_status (rec, T0 + FRESH * 1000, FRESH, NULL), "rebooting");
     json_object_set_new (rec, "transitional_status", json_string (""));
-    CHECK_STR (cn_server_status (rec, T0 + FRESH * 1000, FRESH), "unknown");
+    CHECK_STR (cn_server_status (rec, T0 + FRESH * 1000, FRESH, NULL), "unknown");
     json_object_del (rec, "last_sysinfo");
-    CHECK_STR (cn_server_status (rec, T0, FRESH), "unknown");
+    CHECK_STR (cn_server_status (rec, T0, FRESH, NULL), "unknown");
     json_decref (rec);
 }
 
@@ -822,7 +822,7 @@ test_render (void)
     json_object_set_new (rec, "overprovision_ratios", json_string ("cpu=4&ram=1"));
 
     /* the default list view */
-    json_t *v = cn_server_render (rec, false, 0, NULL, 0, T0 + 1000, FRESH);
+    json_t *v = cn_server_render (rec, false, 0, NULL, 0, T0 + 1000, FRESH, NULL);
     CHECK_STR (s_get_str (v, "status"), "running");
     CHECK_STR (s_get_str (v, "uuid"), UUID_LC);
     CHECK_STR (s_get_str (v, "hostname"), "cn-r12-07");
@@ -842,14 +842,14 @@ test_render (void)
     json_decref (v);
 
     /* extras */
-    v = cn_server_render (rec, false, CN_EXTRA_SYSINFO | CN_EXTRA_VMS, NULL, 0, T0, FRESH);
+    v = cn_server_render (rec, false, CN_EXTRA_SYSINFO | CN_EXTRA_VMS, NULL, 0, T0, FRESH, NULL);
     CHECK (json_is_object (json_object_get (v, "sysinfo")));
     CHECK (json_is_object (json_object_get (v, "vms")));
     CHECK (json_object_get (v, "agents") == NULL);
     CHECK_STR (s_get_str (v, "last_heartbeat"), "2024-06-10T06:15:00.000Z");
     json_decref (v);
     v = cn_server_render (rec, false, CN_EXTRA_MEMORY | CN_EXTRA_DISK | CN_EXTRA_AGENTS,
-                          NULL, 0, T0, FRESH);
+                          NULL, 0, T0, FRESH, NULL);
     CHECK (json_object_get (v, "memory_total_bytes") != NULL);
     CHECK (json_object_get (v, "disk_pool_size_bytes") != NULL);
     CHECK_INT (json_array_size (json_object_get (v, "agents")), 9);
@@ -857,7 +857,7 @@ test_render (void)
     json_decref (v);
 
     /* capacity: 48 cores, one VM capped at 400 with cpu ratio 4 */
-    v = cn_server_render (rec, false, CN_EXTRA_CAPACITY, NULL, 0, T0, FRESH);
+    v = cn_server_render (rec, false, CN_EXTRA_CAPACITY, NULL, 0, T0, FRESH, NULL);
     CHECK_INT (s_get_int (v, "unreserved_cpu"), 4800 - 100);
     CHECK_INT (s_get_int (v, "unreserved_ram"),
                (long long) (196511 * 0.85 - 2048));
@@ -867,7 +867,7 @@ test_render (void)
     json_decref (v);
 
     /* the full view: everything but the internal fields */
-    v = cn_server_render (rec, true, 0, NULL, 0, T0 + FRESH * 1000, FRESH);
+    v = cn_server_render (rec, true, 0, NULL, 0, T0 + FRESH * 1000, FRESH, NULL);
     CHECK_STR (s_get_str (v, "status"), "unknown");
     CHECK_STR (s_get_str (v, "last_heartbeat"), "2024-06-10T06:15:00.000Z");
     CHECK (json_is_object (json_object_get (v, "sysinfo")));
@@ -882,13 +882,13 @@ test_render (void)
 
     /* rebooting: shown once the server stops reporting */
     json_object_set_new (rec, "transitional_status", json_string ("rebooting"));
-    v = cn_server_render (rec, true, 0, NULL, 0, T0 + FRESH * 1000, FRESH);
+    v = cn_server_render (rec, true, 0, NULL, 0, T0 + FRESH * 1000, FRESH, NULL);
     CHECK_STR (s_get_str (v, "status"), "rebooting");
     json_decref (v);
 
     /* fields: exactly those, whatever the extras */
     char *fields[] = { "uuid", "hostname", "status", "sysinfo", "nosuchfield" };
-    v = cn_server_render (rec, false, 0, fields, 5, T0, FRESH);
+    v = cn_server_render (rec, false, 0, fields, 5, T0, FRESH, NULL);
     CHECK_INT (json_object_size (v), 4);
     CHECK_STR (s_get_str (v, "status"), "running");
     CHECK (json_is_object (json_object_get (v, "sysinfo")));
@@ -896,7 +896,7 @@ test_render (void)
 
     /* a record without sysinfo: capacity zero, no last_heartbeat */
     json_t *bare = json_pack ("{s:s}", "uuid", UUID_LC);
-    v = cn_server_render (bare, true, 0, NULL, 0, T0, FRESH);
+    v = cn_server_render (bare, true, 0, NULL, 0, T0, FRESH, NULL);
     CHECK_STR (s_get_str (v, "status"), "unknown");
     CHECK (json_is_null (json_object_get (v, "last_heartbeat")));
     CHECK_INT (s_get_int (v, "unreserved_ram"), 0);
@@ -1008,7 +1008,7 @@ test_update (void)
     CHECK_STR (s_get_str (rec, "uuid"), UUID_LC);
 
     /* the stored ratios come back as an object */
-    json_t *v = cn_server_render (rec, true, 0, NULL, 0, T0, FRESH);
+    json_t *v = cn_server_render (rec, true, 0, NULL, 0, T0, FRESH, NULL);
     json_t *r = json_object_get (v, "overprovision_ratios");
     CHECK_INT (json_integer_value (json_object_get (r, "cpu")), 4);
     CHECK (json_real_value (json_object_get (r, "ram")) == 1.5);
@@ -1024,6 +1024,61 @@ test_update (void)
     json_decref (arr);
 
     json_decref (before);
+    json_decref (rec);
+}
+
+
+/* VM state from the agent: hello's full state and single events, ordered by
+ * each VM's seq (the same event from AMQP and the session lands once). */
+static void
+test_vms (void)
+{
+    const char *A = "11111111-1111-4111-8111-111111111111";
+    const char *B = "22222222-2222-4222-8222-222222222222";
+    json_t *rec = json_pack ("{s:s,s:i,s:f,s:{s:{s:s,s:i,s:i}}}", "uuid", "x", "ram", 1024,
+                             "reservation_ratio", 0.0, "vms", A, "state", "running",
+                             "seq", 5, "max_physical_memory", 100);
+    /* hello: A older than stored (kept), B new */
+    json_t *hello = json_pack ("{s:{s:s,s:i},s:{s:s,s:i,s:i}}", A, "state", "stopped", "seq", 4,
+                               B, "state", "running", "seq", 1, "max_physical_memory", 24);
+    CHECK_INT (cn_server_apply_vms (rec, hello, 1000), CN_SRV_WRITE);
+    json_t *vms = json_object_get (rec, "vms");
+    CHECK_STR (json_string_value (json_object_get (json_object_get (vms, A), "state")), "running");
+    CHECK (json_object_get (vms, B) != NULL);
+    CHECK_INT (json_integer_value (json_object_get (rec, "memory_provisionable_bytes")),
+               (1024 - 124) * 1048576LL);
+    CHECK_INT (cn_server_apply_vms (rec, hello, 1000), CN_SRV_UNCHANGED);
+    json_decref (hello);
+
+    /* events: newer applies, same or older is stale */
+    json_t *vm = json_pack ("{s:s}", "state", "stopped");
+    CHECK_INT (cn_server_apply_vm_event (rec, A, "state", 6, vm, 2000), CN_SRV_WRITE);
+    CHECK_INT (cn_server_apply_vm_event (rec, A, "state", 6, vm, 2000), CN_SRV_STALE);
+    CHECK_INT (cn_server_apply_vm_event (rec, A, "state", 3, vm, 2000), CN_SRV_STALE);
+    vms = json_object_get (rec, "vms");
+    CHECK_INT (json_integer_value (json_object_get (json_object_get (vms, A), "seq")), 6);
+    /* destroy, then a late older event does not bring it back */
+    CHECK_INT (cn_server_apply_vm_event (rec, A, "destroy", 7, NULL, 3000), CN_SRV_WRITE);
+    CHECK (json_object_get (json_object_get (rec, "vms"), A) == NULL);
+    CHECK_INT (cn_server_apply_vm_event (rec, A, "update", 6, vm, 3000), CN_SRV_STALE);
+    /* nor does a hello that still reported it at an older seq */
+    json_t *h2 = json_pack ("{s:{s:s,s:i}}", A, "state", "running", "seq", 6);
+    cn_server_apply_vms (rec, h2, 4000);
+    CHECK (json_object_get (json_object_get (rec, "vms"), A) == NULL);
+    CHECK (json_object_get (json_object_get (rec, "vms"), B) == NULL);   /* not reported: gone */
+    json_decref (h2);
+    /* a newer create brings it back and forgets the destroy */
+    CHECK_INT (cn_server_apply_vm_event (rec, A, "create", 8, vm, 5000), CN_SRV_WRITE);
+    CHECK (json_object_get (json_object_get (rec, "vms_destroyed"), A) == NULL);
+    /* non-destroy without a VM object is not applied */
+    CHECK_INT (cn_server_apply_vm_event (rec, B, "update", 9, NULL, 5000), CN_SRV_STALE);
+    /* the API view hides the destroy memory */
+    CHECK_INT (cn_server_apply_vm_event (rec, A, "destroy", 9, NULL, 6000), CN_SRV_WRITE);
+    json_t *v = cn_server_render (rec, true, 0, NULL, 0, 6000, FRESH, NULL);
+    CHECK (json_object_get (v, "vms_destroyed") == NULL);
+    CHECK (json_object_get (v, "vms") != NULL);
+    json_decref (v);
+    json_decref (vm);
     json_decref (rec);
 }
 
@@ -1045,5 +1100,6 @@ main (void)
     RUN (test_list_query);
     RUN (test_render);
     RUN (test_update);
+    RUN (test_vms);
     return cn_test_done ();
 }

@@ -1,0 +1,973 @@
+/*
+ * cn_hub: agent sessions in the gateway's h2o thread. See include/cn_hub.h,
+ * proto/session.md (the wire protocol), proto/hub.md (messages to the
+ * sessions actor) and docs/sessions.md (theory of operation).
+ *
+ * Theory of operation
+ *
+ * A session is born from GET /agent/session: the gateway checks the request
+ * (upgrade headers, x-server-uuid) and calls cn_hub_on_req, which answers
+ * 101 through h2o_http1_upgrade and, once those bytes are written, takes the
+ * raw socket over. From then on h2o only moves bytes: the framing is ours
+ * (lib/cn_ws.c), because wslay would add ~8.5 KiB of buffers per connection
+ * and the budget is 16 KiB per session all told. An idle session holds no
+ * buffer at all: h2o frees a socket's input buffer once it is consumed, and
+ * our output queue is freed once written.
+ *
+ * States: HELLO (waiting for the agent's hello) -> CLAIM (the sessions actor
+ * is taking ownership in the store) -> OWNED (welcome sent; heartbeats both
+ * ways) -> CLOSING (close frame queued; the socket closes once it is written
+ * and the peer answered or a short linger passed).
+ *
+ * Timers are two h2o_timeout_t lists shared by all sessions, each a FIFO of
+ * entries with one fixed delay, so arming and re-arming is O(1) and the loop
+ * wakes once for the earliest entry: `beat` (heartbeat_ms: send hb) and
+ * `dead` (dead_after_ms since the last byte heard: close 4002; in CLOSING
+ * the same entry is the linger bound on `linger`). A third one-entry timeout
+ * drives the periodic flush report.
+ *
+ * Messages from the sessions actor arrive on the hub's multithread receiver
+ * (the sessions' mailbox, drained by the loop in arrival order) and name
+ * their session by sid, a per-process counter; a message for a session that
+ * is gone is dropped. Messages to the actor carry sid and uuid; the actor
+ * learns every close by a "bye" (except closes it ordered itself and the
+ * shutdown goaways, which must not release ownership), and every flush_ms
+ * the list of live sessions with their last-heard times ("flush"), from
+ * which it writes last_heartbeat and notices a bye it never got.
+ */
+#include "cn_hub.h"
+
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#include <czmq.h>
+#include <h2o/http1.h>
+
+#include "cn_log.h"
+#include "cn_msg.h"
+#include "cn_sessions.h"
+#include "cn_util.h"
+#include "cn_ws.h"
+
+#define COMPONENT "hub"
+#define SESS_BUCKETS 16384          /* power of two */
+#define LINGER_MS 1000              /* CLOSING: wait this long for the peer */
+
+enum { S_HELLO, S_CLAIM, S_OWNED, S_CLOSING };
+
+typedef struct sess {
+    struct sess *hnext;         /* sid hash chain */
+    h2o_linklist_t link;        /* hub->all */
+    cn_hub_t *hub;
+    h2o_socket_t *sock;         /* NULL until the 101 is written */
+    uint64_t sid;
+    uint64_t epoch;
+    uint64_t hb_seq;
+    uint64_t connected_ms;      /* wall clock */
+    uint64_t last_heard;        /* h2o_now (wall clock ms) */
+    h2o_timeout_entry_t beat;
+    h2o_timeout_entry_t dead;
+    uint8_t state;
+    bool writing;               /* wbuf is in flight */
+    bool close_when_written;
+    bool fin_sent;
+    bool peer_gone;             /* the read side ended */
+    bool quiet;                 /* the actor knows, or must not hear of it (no bye) */
+    uint8_t frag_op;            /* a fragmented message is being assembled */
+    char *wbuf;
+    size_t wlen;
+    char *obuf;
+    size_t olen, ocap;
+    char *frag;
+    size_t frag_len;
+    char uuid[37];
+    char remote[48];
+} sess_t;
+
+struct cn_hub {
+    const cn_config_t *cfg;
+    h2o_context_t *ctx;
+    h2o_loop_t *loop;
+    cn_liveness_t *live;
+    zsock_t *push;
+    void *push_handle;
+    h2o_multithread_receiver_t rx;
+    bool rx_registered;
+    h2o_timeout_t beat_to, dead_to, linger_to, flush_to;
+    h2o_timeout_entry_t flush_entry;
+    bool timeouts_ready;
+    sess_t **table;
+    h2o_linklist_t all;
+    size_t count;               /* sessions in the table */
+    uint64_t next_sid;
+    bool shutting_down;
+    zactor_t *actor;
+    cn_sessions_args_t args;
+    cn_hub_stats_t stats;
+    char boot_id[37];
+};
+
+/* ------------------------------------------------------------------ */
+/* Table                                                                */
+
+static size_t
+s_bucket (uint64_t sid)
+{
+    return (size_t) ((sid * 0x9E3779B97F4A7C15ULL) >> 40) & (SESS_BUCKETS - 1);
+}
+
+static sess_t *
+s_find (cn_hub_t *hub, uint64_t sid)
+{
+    for (sess_t *s = hub->table[s_bucket (sid)]; s; s = s->hnext)
+        if (s->sid == sid)
+            return s;
+    return NULL;
+}
+
+static void
+s_table_add (cn_hub_t *hub, sess_t *s)
+{
+    size_t b = s_bucket (s->sid);
+    s->hnext = hub->table[b];
+    hub->table[b] = s;
+    h2o_linklist_insert (&hub->all, &s->link);
+    hub->count++;
+}
+
+static void
+s_table_remove (cn_hub_t *hub, sess_t *s)
+{
+    sess_t **pp = &hub->table[s_bucket (s->sid)];
+    while (*pp && *pp != s)
+        pp = &(*pp)->hnext;
+    if (*pp) {
+        *pp = s->hnext;
+        hub->count--;
+    }
+    if (h2o_linklist_is_linked (&s->link))
+        h2o_linklist_unlink (&s->link);
+}
+
+/* ------------------------------------------------------------------ */
+/* To the sessions actor                                                */
+
+static void
+s_push (cn_hub_t *hub, cn_msgw_t *w)
+{
+    char *data = NULL;
+    size_t size = 0;
+    cn_msgw_take (w, &data, &size);
+    if (zmq_send (hub->push_handle, data, size, ZMQ_DONTWAIT) < 0) {
+        atomic_fetch_add_explicit (&hub->stats.busy, 1, memory_order_relaxed);
+        CN_WARN (COMPONENT, "sessions actor queue full; message dropped", NULL);
+    }
+    free (data);
+}
+
+static void
+s_bye (sess_t *s, const char *reason)
+{
+    if (s->quiet || s->state == S_HELLO)
+        return;
+    s->quiet = true;
+    cn_msgw_t w;
+    cn_msgw_init (&w, "bye", 3);
+    cn_msgw_uint (&w, "sid", s->sid);
+    cn_msgw_str (&w, "uuid", s->uuid);
+    cn_msgw_str (&w, "reason", reason);
+    s_push (s->hub, &w);
+}
+
+/* ------------------------------------------------------------------ */
+/* Output                                                               */
+
+static void s_on_written (h2o_socket_t *sock, const char *err);
+static void s_free (sess_t *s);
+
+static void
+s_close_socket (sess_t *s)
+{
+    if (s->sock) {
+        h2o_socket_t *sock = s->sock;
+        s->sock = NULL;
+        sock->data = NULL;
+        h2o_socket_read_stop (sock);
+        h2o_socket_close (sock);
+        atomic_fetch_sub_explicit (&s->hub->stats.open, 1, memory_order_relaxed);
+    }
+    s_free (s);
+}
+
+/* Write what is queued when nothing is in flight. */
+static void
+s_flush_out (sess_t *s)
+{
+    if (s->writing || !s->sock)
+        return;
+    if (s->olen == 0) {
+        if (s->close_when_written && !s->fin_sent) {
+            /* our close frame is out: half-close and wait (bounded by the
+             * linger timer) for the peer to close its side */
+            s->fin_sent = true;
+            shutdown (h2o_socket_get_fd (s->sock), SHUT_WR);
+        }
+        return;
+    }
+    s->wbuf = s->obuf;
+    s->wlen = s->olen;
+    s->obuf = NULL;
+    s->olen = s->ocap = 0;
+    s->writing = true;
+    h2o_iovec_t buf = h2o_iovec_init (s->wbuf, s->wlen);
+    h2o_socket_write (s->sock, &buf, 1, s_on_written);
+}
+
+static void
+s_on_written (h2o_socket_t *sock, const char *err)
+{
+    sess_t *s = sock->data;
+    if (!s)
+        return;
+    free (s->wbuf);
+    s->wbuf = NULL;
+    s->wlen = 0;
+    s->writing = false;
+    if (err || (s->peer_gone && s->olen == 0)) {
+        s_bye (s, "closed");
+        s_close_socket (s);
+        return;
+    }
+    s_flush_out (s);
+}
+
+/* Queue one final frame. */
+static void
+s_send_frame (sess_t *s, uint8_t opcode, const void *payload, size_t len)
+{
+    if (!s->sock || s->close_when_written)
+        return;
+    size_t need = s->olen + CN_WS_MAX_HEADER + len;
+    if (need > s->ocap) {
+        size_t cap = s->ocap ? s->ocap * 2 : 64;
+        while (cap < need)
+            cap *= 2;
+        char *o = realloc (s->obuf, cap);
+        if (!o)
+            abort ();
+        s->obuf = o;
+        s->ocap = cap;
+    }
+    s->olen += cn_ws_header ((uint8_t *) s->obuf + s->olen, opcode, len);
+    if (len)
+        memcpy (s->obuf + s->olen, payload, len);
+    s->olen += len;
+    s_flush_out (s);
+}
+
+static void
+s_send_msg (sess_t *s, cn_msgw_t *w)
+{
+    char *data = NULL;
+    size_t size = 0;
+    cn_msgw_take (w, &data, &size);
+    s_send_frame (s, CN_WS_OP_BINARY, data, size);
+    free (data);
+}
+
+/* Queue a close frame and enter CLOSING; the socket closes once the frame
+ * is written and the peer answered, or after the linger. */
+static void
+s_close (sess_t *s, uint16_t code, const char *reason)
+{
+    if (s->state == S_CLOSING)
+        return;
+    uint8_t payload[128];
+    size_t n = cn_ws_close_payload (payload, code, reason);
+    s_send_frame (s, CN_WS_OP_CLOSE, payload, n);
+    s->state = S_CLOSING;
+    s->close_when_written = true;
+    if (h2o_timeout_is_linked (&s->beat))
+        h2o_timeout_unlink (&s->beat);
+    if (h2o_timeout_is_linked (&s->dead))
+        h2o_timeout_unlink (&s->dead);
+    h2o_timeout_link (s->hub->loop, &s->hub->linger_to, &s->dead);
+    s_flush_out (s);
+}
+
+/* A protocol error: close with code and reason; nothing reaches the store. */
+static void
+s_fail (sess_t *s, uint16_t code, const char *reason)
+{
+    atomic_fetch_add_explicit (&s->hub->stats.bad_frames, 1, memory_order_relaxed);
+    CN_WARN (COMPONENT, "session closed: protocol error", "{s:s,s:i,s:s,s:s}",
+             "server_uuid", s->uuid, "code", (int) code, "reason", reason,
+             "remote", s->remote);
+    s_bye (s, "error");
+    s_close (s, code, reason);
+}
+
+static void
+s_send_goaway (sess_t *s, const char *reason)
+{
+    cn_msgw_t w;
+    cn_msgw_init (&w, "goaway", 1);
+    cn_msgw_str (&w, "reason", reason);
+    s_send_msg (s, &w);
+}
+
+/* ------------------------------------------------------------------ */
+/* Timers                                                               */
+
+static void
+s_on_beat (h2o_timeout_entry_t *entry)
+{
+    sess_t *s = H2O_STRUCT_FROM_MEMBER (sess_t, beat, entry);
+    if (s->state != S_OWNED)
+        return;
+    cn_msgw_t w;
+    cn_msgw_init (&w, "hb", 2);
+    cn_msgw_uint (&w, "seq", ++s->hb_seq);
+    cn_msgw_int (&w, "sent_ms", (int64_t) h2o_now (s->hub->loop));
+    s_send_msg (s, &w);
+    atomic_fetch_add_explicit (&s->hub->stats.hb_sent, 1, memory_order_relaxed);
+    h2o_timeout_link (s->hub->loop, &s->hub->beat_to, &s->beat);
+}
+
+static void
+s_on_dead (h2o_timeout_entry_t *entry)
+{
+    sess_t *s = H2O_STRUCT_FROM_MEMBER (sess_t, dead, entry);
+    if (s->state == S_CLOSING) {
+        /* the linger is over */
+        s_close_socket (s);
+        return;
+    }
+    atomic_fetch_add_explicit (&s->hub->stats.timeouts, 1, memory_order_relaxed);
+    CN_INFO (COMPONENT, "session silent; closing", "{s:s,s:I,s:s}", "server_uuid",
+             s->uuid, "silent_ms", (json_int_t) (h2o_now (s->hub->loop) - s->last_heard),
+             "remote", s->remote);
+    s_bye (s, "timeout");
+    s_close (s, CN_WS_CLOSE_TIMEOUT, "heartbeat timeout");
+}
+
+static void
+s_on_flush (h2o_timeout_entry_t *entry)
+{
+    cn_hub_t *hub = H2O_STRUCT_FROM_MEMBER (cn_hub_t, flush_entry, entry);
+    /* every live session the actor knows of, with when we last heard it */
+    size_t n = 0;
+    for (h2o_linklist_t *l = hub->all.next; l != &hub->all; l = l->next) {
+        sess_t *s = H2O_STRUCT_FROM_MEMBER (sess_t, link, l);
+        n += s->state == S_CLAIM || s->state == S_OWNED;
+    }
+    cn_msgw_t w;
+    cn_msgw_init (&w, "flush", 2);
+    cn_msgw_int (&w, "now_ms", (int64_t) h2o_now (hub->loop));
+    cn_msgw_key (&w, "sessions");
+    msgpack_pack_array (&w.pk, (uint32_t) n);
+    for (h2o_linklist_t *l = hub->all.next; l != &hub->all; l = l->next) {
+        sess_t *s = H2O_STRUCT_FROM_MEMBER (sess_t, link, l);
+        if (s->state != S_CLAIM && s->state != S_OWNED)
+            continue;
+        msgpack_pack_array (&w.pk, 2);
+        msgpack_pack_uint64 (&w.pk, s->sid);
+        msgpack_pack_uint64 (&w.pk, s->last_heard);
+    }
+    s_push (hub, &w);
+    if (!hub->shutting_down)
+        h2o_timeout_link (hub->loop, &hub->flush_to, &hub->flush_entry);
+}
+
+/* ------------------------------------------------------------------ */
+/* Input                                                                */
+
+static bool
+s_str_eq (const msgpack_object *o, const char *s)
+{
+    size_t n = strlen (s);
+    return o && o->type == MSGPACK_OBJECT_STR && o->via.str.size == n
+           && memcmp (o->via.str.ptr, s, n) == 0;
+}
+
+static bool
+s_is_uint (const msgpack_object *o)
+{
+    return o && o->type == MSGPACK_OBJECT_POSITIVE_INTEGER;
+}
+
+static bool
+s_is_int (const msgpack_object *o)
+{
+    return o && (o->type == MSGPACK_OBJECT_POSITIVE_INTEGER
+                 || o->type == MSGPACK_OBJECT_NEGATIVE_INTEGER);
+}
+
+static void
+s_forward (sess_t *s, const char *type, const void *payload, size_t len)
+{
+    cn_msgw_t w;
+    cn_msgw_init (&w, type, 4);
+    cn_msgw_uint (&w, "sid", s->sid);
+    cn_msgw_str (&w, "uuid", s->uuid);
+    cn_msgw_str (&w, "remote", s->remote);
+    cn_msgw_key (&w, "frame");
+    msgpack_pack_bin (&w.pk, len);
+    msgpack_pack_bin_body (&w.pk, payload, len);
+    s_push (s->hub, &w);
+}
+
+static void
+s_on_hello (sess_t *s, cn_msg_t *m, const void *payload, size_t len)
+{
+    if (s->state != S_HELLO) {
+        s_fail (s, CN_WS_CLOSE_POLICY, "second hello");
+        return;
+    }
+    const msgpack_object *su = cn_msg_get (m, "server_uuid");
+    char uuid[37] = "", tmp[37] = "";
+    if (!su || su->type != MSGPACK_OBJECT_STR) {
+        s_fail (s, CN_WS_CLOSE_PROTOCOL, "hello: server_uuid missing");
+        return;
+    }
+    if (su->via.str.size == 36)
+        memcpy (tmp, su->via.str.ptr, 36);
+    if (!cn_uuid_normalize (tmp, uuid) || strcmp (uuid, s->uuid) != 0) {
+        s_fail (s, CN_WS_CLOSE_POLICY, "hello names another server than x-server-uuid");
+        return;
+    }
+    const msgpack_object *agent = cn_msg_get (m, "agent");
+    const msgpack_object *hb = cn_msg_get (m, "heartbeat_ms");
+    const msgpack_object *vms = cn_msg_get (m, "vms");
+    if (!agent || agent->type != MSGPACK_OBJECT_STR) {
+        s_fail (s, CN_WS_CLOSE_PROTOCOL, "hello: agent missing");
+        return;
+    }
+    if (!s_is_uint (hb)) {
+        s_fail (s, CN_WS_CLOSE_PROTOCOL, "hello: heartbeat_ms missing");
+        return;
+    }
+    if (!vms || vms->type != MSGPACK_OBJECT_MAP) {
+        s_fail (s, CN_WS_CLOSE_PROTOCOL, "hello: vms missing or not a map");
+        return;
+    }
+    s->state = S_CLAIM;
+    s_forward (s, "hello", payload, len);
+}
+
+static void
+s_on_vm_event (sess_t *s, cn_msg_t *m, const void *payload, size_t len)
+{
+    const msgpack_object *vm_uuid = cn_msg_get (m, "vm_uuid");
+    const msgpack_object *event = cn_msg_get (m, "event");
+    const msgpack_object *vm = cn_msg_get (m, "vm");
+    if (!vm_uuid || vm_uuid->type != MSGPACK_OBJECT_STR || !s_is_uint (cn_msg_get (m, "seq"))
+        || !s_is_int (cn_msg_get (m, "time_ms"))) {
+        s_fail (s, CN_WS_CLOSE_PROTOCOL, "vm_event: vm_uuid, seq or time_ms missing");
+        return;
+    }
+    bool destroy = s_str_eq (event, "destroy");
+    if (!destroy && !s_str_eq (event, "create") && !s_str_eq (event, "state")
+        && !s_str_eq (event, "update")) {
+        s_fail (s, CN_WS_CLOSE_PROTOCOL, "vm_event: unknown event");
+        return;
+    }
+    if (!destroy && (!vm || vm->type != MSGPACK_OBJECT_MAP)) {
+        s_fail (s, CN_WS_CLOSE_PROTOCOL, "vm_event: vm missing or not a map");
+        return;
+    }
+    s_forward (s, "vm_event", payload, len);
+}
+
+/* One whole binary message. */
+static void
+s_on_message (sess_t *s, const uint8_t *payload, size_t len)
+{
+    cn_msg_t m;
+    char err[96], why[128];
+    if (cn_msg_parse (&m, payload, len, err, sizeof err) != 0) {
+        snprintf (why, sizeof why, "malformed message: %s", err);
+        s_fail (s, CN_WS_CLOSE_PROTOCOL, why);
+        return;
+    }
+    if (cn_msg_is (&m, "hello"))
+        s_on_hello (s, &m, payload, len);
+    else
+    if (s->state == S_HELLO)
+        s_fail (s, CN_WS_CLOSE_PROTOCOL, "the first message must be hello");
+    else
+    if (cn_msg_is (&m, "hb")) {
+        if (!s_is_uint (cn_msg_get (&m, "seq")) || !s_is_int (cn_msg_get (&m, "sent_ms")))
+            s_fail (s, CN_WS_CLOSE_PROTOCOL, "hb: seq or sent_ms missing");
+    }
+    else
+    if (cn_msg_is (&m, "vm_event"))
+        s_on_vm_event (s, &m, payload, len);
+    else {
+        snprintf (why, sizeof why, "unknown message type %.*s", (int) (m.type_len > 40 ? 40 : m.type_len),
+                  m.type);
+        s_fail (s, CN_WS_CLOSE_PROTOCOL, why);
+    }
+    cn_msg_fini (&m);
+}
+
+/* One frame; false when the session stopped reading (closing). */
+static void
+s_on_frame (sess_t *s, const cn_ws_frame_t *f)
+{
+    atomic_fetch_add_explicit (&s->hub->stats.frames_in, 1, memory_order_relaxed);
+    switch (f->opcode) {
+        case CN_WS_OP_TEXT:
+            s_fail (s, CN_WS_CLOSE_PROTOCOL, "text frames are not allowed (binary msgpack only)");
+            return;
+        case CN_WS_OP_BINARY:
+            if (s->frag_op) {
+                s_fail (s, CN_WS_CLOSE_PROTOCOL, "new message inside a fragmented one");
+                return;
+            }
+            if (f->fin) {
+                s_on_message (s, f->payload, f->len);
+                return;
+            }
+            s->frag = malloc (f->len ? f->len : 1);
+            if (!s->frag)
+                abort ();
+            memcpy (s->frag, f->payload, f->len);
+            s->frag_len = f->len;
+            s->frag_op = CN_WS_OP_BINARY;
+            return;
+        case CN_WS_OP_CONT: {
+            if (!s->frag_op) {
+                s_fail (s, CN_WS_CLOSE_PROTOCOL, "continuation without a message");
+                return;
+            }
+            if (s->frag_len + f->len > CN_WS_MAX_MESSAGE) {
+                s_fail (s, CN_WS_CLOSE_TOO_BIG, "message larger than 1 MiB");
+                return;
+            }
+            char *p = realloc (s->frag, s->frag_len + f->len + 1);
+            if (!p)
+                abort ();
+            memcpy (p + s->frag_len, f->payload, f->len);
+            s->frag = p;
+            s->frag_len += f->len;
+            if (f->fin) {
+                char *msg = s->frag;
+                size_t n = s->frag_len;
+                s->frag = NULL;
+                s->frag_len = 0;
+                s->frag_op = 0;
+                s_on_message (s, (uint8_t *) msg, n);
+                free (msg);
+            }
+            return;
+        }
+        case CN_WS_OP_PING:
+            s_send_frame (s, CN_WS_OP_PONG, f->payload, f->len);
+            return;
+        case CN_WS_OP_PONG:
+            return;
+        case CN_WS_OP_CLOSE: {
+            /* the agent closes: answer in kind (RFC 6455 5.5.1) */
+            uint16_t code = f->len >= 2 ? (uint16_t) ((f->payload[0] << 8) | f->payload[1])
+                                        : CN_WS_CLOSE_NORMAL;
+            CN_DEBUG (COMPONENT, "agent closed the session", "{s:s,s:i}", "server_uuid",
+                      s->uuid, "code", (int) code);
+            s_bye (s, "closed");
+            s_close (s, CN_WS_CLOSE_NORMAL, "");
+            return;
+        }
+        default:
+            s_fail (s, CN_WS_CLOSE_PROTOCOL, "unknown opcode");
+    }
+}
+
+static void
+s_on_read (h2o_socket_t *sock, const char *err)
+{
+    sess_t *s = sock->data;
+    if (!s)
+        return;
+    if (err) {
+        /* the peer closed or the connection broke */
+        s_bye (s, "closed");
+        if (s->writing && s->state == S_CLOSING) {
+            /* let our close frame go out first; the linger bounds it */
+            s->peer_gone = true;
+            h2o_socket_read_stop (sock);
+            return;
+        }
+        s_close_socket (s);
+        return;
+    }
+    if (s->state == S_CLOSING) {
+        /* after our close frame: discard until the peer closes */
+        h2o_buffer_consume (&sock->input, sock->input->size);
+        return;
+    }
+    s->last_heard = h2o_now (s->hub->loop);
+    h2o_timeout_unlink (&s->dead);
+    h2o_timeout_link (s->hub->loop, &s->hub->dead_to, &s->dead);
+    while (sock->input->size > 0 && s->state != S_CLOSING) {
+        cn_ws_frame_t f;
+        uint16_t code = 0;
+        const char *why = NULL;
+        int rc = cn_ws_parse ((uint8_t *) sock->input->bytes, sock->input->size,
+                              CN_WS_MAX_MESSAGE, &f, &code, &why);
+        if (rc == 0)
+            break;
+        if (rc < 0) {
+            s_fail (s, code, why);
+            break;
+        }
+        s_on_frame (s, &f);
+        /* s may be CLOSING now, never freed here (frees happen only when
+         * the socket closes, which is never inside this loop) */
+        h2o_buffer_consume (&sock->input, f.size);
+    }
+    if (s->state == S_CLOSING && sock->input->size > 0)
+        h2o_buffer_consume (&sock->input, sock->input->size);
+}
+
+/* ------------------------------------------------------------------ */
+/* Commands from the sessions actor                                     */
+
+static int
+s_cmp_uuid (const void *a, const void *b)
+{
+    const sess_t *x = *(sess_t *const *) a, *y = *(sess_t *const *) b;
+    int c = strcmp (x->uuid, y->uuid);
+    return c ? c : x->sid < y->sid ? -1 : x->sid > y->sid;
+}
+
+static void
+s_snapshot (cn_hub_t *hub, const cn_hub_cmd_t *c)
+{
+    size_t n = 0, total = 0;
+    for (h2o_linklist_t *l = hub->all.next; l != &hub->all; l = l->next) {
+        sess_t *s = H2O_STRUCT_FROM_MEMBER (sess_t, link, l);
+        total += s->state == S_CLAIM || s->state == S_OWNED;
+    }
+    sess_t **v = malloc ((total ? total : 1) * sizeof *v);
+    if (!v)
+        abort ();
+    for (h2o_linklist_t *l = hub->all.next; l != &hub->all; l = l->next) {
+        sess_t *s = H2O_STRUCT_FROM_MEMBER (sess_t, link, l);
+        if (s->state == S_CLAIM || s->state == S_OWNED)
+            v[n++] = s;
+    }
+    qsort (v, n, sizeof *v, s_cmp_uuid);
+    size_t from = c->offset < n ? (size_t) c->offset : n;
+    size_t count = n - from < c->limit ? n - from : (size_t) c->limit;
+    uint64_t now = h2o_now (hub->loop);
+    cn_msgw_t w;
+    cn_msgw_init (&w, "sessions", 5);
+    cn_msgw_uint (&w, "req", c->req);
+    cn_msgw_uint (&w, "total", n);
+    cn_msgw_uint (&w, "offset", from);
+    cn_msgw_int (&w, "now_ms", (int64_t) now);
+    cn_msgw_key (&w, "sessions");
+    msgpack_pack_array (&w.pk, (uint32_t) count);
+    for (size_t i = from; i < from + count; i++) {
+        sess_t *s = v[i];
+        msgpack_pack_map (&w.pk, 6);
+#define K(k) do { msgpack_pack_str (&w.pk, strlen (k)); msgpack_pack_str_body (&w.pk, k, strlen (k)); } while (0)
+        K ("server_uuid");
+        msgpack_pack_str (&w.pk, 36);
+        msgpack_pack_str_body (&w.pk, s->uuid, 36);
+        K ("epoch");
+        msgpack_pack_uint64 (&w.pk, s->epoch);
+        K ("heartbeat_age_ms");
+        msgpack_pack_uint64 (&w.pk, now >= s->last_heard ? now - s->last_heard : 0);
+        K ("connected_s");
+        msgpack_pack_uint64 (&w.pk, now >= s->connected_ms ? (now - s->connected_ms) / 1000 : 0);
+        K ("remote");
+        msgpack_pack_str (&w.pk, strlen (s->remote));
+        msgpack_pack_str_body (&w.pk, s->remote, strlen (s->remote));
+        K ("state");
+        const char *st = s->state == S_OWNED ? "owned" : "claiming";
+        msgpack_pack_str (&w.pk, strlen (st));
+        msgpack_pack_str_body (&w.pk, st, strlen (st));
+#undef K
+    }
+    free (v);
+    s_push (hub, &w);
+}
+
+static void
+s_on_cmds (h2o_multithread_receiver_t *rx, h2o_linklist_t *messages)
+{
+    cn_hub_t *hub = H2O_STRUCT_FROM_MEMBER (cn_hub_t, rx, rx);
+    while (!h2o_linklist_is_empty (messages)) {
+        cn_hub_cmd_t *c = H2O_STRUCT_FROM_MEMBER (cn_hub_cmd_t, super.link, messages->next);
+        h2o_linklist_unlink (&c->super.link);
+        sess_t *s = c->kind == CN_HUB_WELCOME || c->kind == CN_HUB_CLOSE
+                    ? s_find (hub, c->sid) : NULL;
+        if (c->kind == CN_HUB_WELCOME && s && s->state == S_CLAIM) {
+            s->epoch = c->epoch;
+            s->state = S_OWNED;
+            cn_msgw_t w;
+            cn_msgw_init (&w, "welcome", 3);
+            cn_msgw_str (&w, "instance", hub->cfg->instance);
+            cn_msgw_uint (&w, "epoch", c->epoch);
+            cn_msgw_uint (&w, "heartbeat_ms", (uint64_t) hub->cfg->session_heartbeat_ms);
+            s_send_msg (s, &w);
+            if (!h2o_timeout_is_linked (&s->beat))
+                h2o_timeout_link (hub->loop, &hub->beat_to, &s->beat);
+        }
+        else
+        if (c->kind == CN_HUB_CLOSE && s && s->state != S_CLOSING) {
+            s->quiet = true;        /* the actor ordered it: no bye */
+            CN_INFO (COMPONENT, "session closed by the sessions actor", "{s:s,s:i,s:s,s:s}",
+                     "server_uuid", s->uuid, "code", (int) c->code, "reason", c->reason,
+                     "goaway", c->goaway);
+            if (c->goaway[0])
+                s_send_goaway (s, c->goaway);
+            s_close (s, c->code, c->reason);
+        }
+        else
+        if (c->kind == CN_HUB_SNAPSHOT)
+            s_snapshot (hub, c);
+        free (c);
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Upgrade                                                              */
+
+static void
+s_free (sess_t *s)
+{
+    cn_hub_t *hub = s->hub;
+    if (h2o_timeout_is_linked (&s->beat))
+        h2o_timeout_unlink (&s->beat);
+    if (h2o_timeout_is_linked (&s->dead))
+        h2o_timeout_unlink (&s->dead);
+    s_table_remove (hub, s);
+    free (s->wbuf);
+    free (s->obuf);
+    free (s->frag);
+    free (s);
+}
+
+static void
+s_on_upgraded (void *user_data, h2o_socket_t *sock, size_t reqsize)
+{
+    sess_t *s = user_data;
+    if (!sock) {
+        s_free (s);
+        return;
+    }
+    s->sock = sock;
+    sock->data = s;
+    atomic_fetch_add_explicit (&s->hub->stats.open, 1, memory_order_relaxed);
+    h2o_buffer_consume (&sock->input, reqsize);
+    s->last_heard = h2o_now (s->hub->loop);
+    s->connected_ms = s->last_heard;
+    h2o_timeout_link (s->hub->loop, &s->hub->dead_to, &s->dead);
+    h2o_socket_read_start (sock, s_on_read);
+    if (s->hub->shutting_down) {
+        s->quiet = true;
+        s_send_goaway (s, "shutdown");
+        s_close (s, CN_WS_CLOSE_GOING_AWAY, "instance shutting down");
+        return;
+    }
+    /* bytes that came with the request (a hello sent without waiting) */
+    if (sock->input->size > 0)
+        s_on_read (sock, NULL);
+}
+
+int
+cn_hub_on_req (cn_hub_t *hub, h2o_req_t *req, const char *uuid, h2o_iovec_t key,
+               const char **why)
+{
+    char accept[29];
+    char k[32];
+    if (key.len >= sizeof k || !cn_ws_accept_key (key.base, key.len, accept)) {
+        *why = "bad sec-websocket-key";
+        return -1;
+    }
+    (void) k;
+    sess_t *s = calloc (1, sizeof *s);
+    if (!s)
+        abort ();
+    s->hub = hub;
+    s->sid = ++hub->next_sid;
+    memcpy (s->uuid, uuid, 36);
+    s->beat.cb = s_on_beat;
+    s->dead.cb = s_on_dead;
+    struct sockaddr_storage ss;
+    socklen_t sl = req->conn->callbacks->get_peername (req->conn, (struct sockaddr *) &ss);
+    char host[NI_MAXHOST];
+    size_t hl = sl ? h2o_socket_getnumerichost ((struct sockaddr *) &ss, sl, host) : SIZE_MAX;
+    if (hl != SIZE_MAX)
+        snprintf (s->remote, sizeof s->remote, "%.*s:%d", (int) hl, host,
+                  h2o_socket_getport ((struct sockaddr *) &ss));
+    s_table_add (hub, s);
+    atomic_fetch_add_explicit (&hub->stats.upgrades, 1, memory_order_relaxed);
+
+    req->res.status = 101;
+    req->res.reason = "Switching Protocols";
+    h2o_add_header (&req->pool, &req->res.headers, H2O_TOKEN_UPGRADE, NULL,
+                    H2O_STRLIT ("websocket"));
+    h2o_add_header_by_str (&req->pool, &req->res.headers, H2O_STRLIT ("sec-websocket-accept"),
+                           0, NULL, accept, strlen (accept));
+    h2o_add_header_by_str (&req->pool, &req->res.headers, H2O_STRLIT ("x-server-name"), 0,
+                           NULL, hub->cfg->instance, strlen (hub->cfg->instance));
+    h2o_http1_upgrade (req, NULL, 0, s_on_upgraded, s);
+    return 0;
+}
+
+void
+cn_hub_shutdown (cn_hub_t *hub)
+{
+    hub->shutting_down = true;
+    if (h2o_timeout_is_linked (&hub->flush_entry))
+        h2o_timeout_unlink (&hub->flush_entry);
+    size_t n = 0;
+    for (h2o_linklist_t *l = hub->all.next; l != &hub->all; ) {
+        sess_t *s = H2O_STRUCT_FROM_MEMBER (sess_t, link, l);
+        l = l->next;
+        if (!s->sock || s->state == S_CLOSING)
+            continue;
+        /* no bye: the rows stay ours until another instance takes them
+         * over (docs/sessions.md, "Shutdown") */
+        s->quiet = true;
+        s_send_goaway (s, "shutdown");
+        s_close (s, CN_WS_CLOSE_GOING_AWAY, "instance shutting down");
+        n++;
+    }
+    CN_INFO (COMPONENT, "sessions told to go elsewhere", "{s:i}", "sessions", (int) n);
+}
+
+size_t
+cn_hub_count (cn_hub_t *hub)
+{
+    return hub->count;
+}
+
+bool
+cn_hub_is_session (cn_hub_t *hub, h2o_socket_t *sock)
+{
+    (void) hub;
+    return sock && sock->_cb.read == s_on_read;
+}
+
+h2o_multithread_receiver_t *
+cn_hub_receiver (cn_hub_t *hub)
+{
+    return &hub->rx;
+}
+
+/* ------------------------------------------------------------------ */
+/* Life cycle                                                           */
+
+cn_hub_t *
+cn_hub_new (const cn_config_t *cfg, h2o_context_t *ctx, cn_liveness_t *live)
+{
+    cn_hub_t *hub = calloc (1, sizeof *hub);
+    if (!hub)
+        abort ();
+    hub->cfg = cfg;
+    hub->ctx = ctx;
+    hub->loop = ctx->loop;
+    hub->live = live;
+    hub->table = calloc (SESS_BUCKETS, sizeof *hub->table);
+    if (!hub->table)
+        abort ();
+    h2o_linklist_init_anchor (&hub->all);
+    cn_uuid_new (hub->boot_id);
+    return hub;
+}
+
+int
+cn_hub_start (cn_hub_t *hub, char *reason, size_t rlen)
+{
+    const cn_config_t *cfg = hub->cfg;
+    hub->push = zsock_new (ZMQ_PUSH);
+    if (!hub->push) {
+        snprintf (reason, rlen, "cannot create the sessions socket");
+        return -1;
+    }
+    zsock_set_sndhwm (hub->push, 1000000);
+    zsock_set_linger (hub->push, 0);
+    if (zsock_bind (hub->push, "%s", CN_SESSIONS_ENDPOINT) != 0) {
+        snprintf (reason, rlen, "bind %s: %s", CN_SESSIONS_ENDPOINT, zmq_strerror (zmq_errno ()));
+        zsock_destroy (&hub->push);
+        return -1;
+    }
+    hub->push_handle = zsock_resolve (hub->push);
+    h2o_multithread_register_receiver (hub->ctx->queue, &hub->rx, s_on_cmds);
+    hub->rx_registered = true;
+    h2o_timeout_init (hub->loop, &hub->beat_to, (uint64_t) cfg->session_heartbeat_ms);
+    h2o_timeout_init (hub->loop, &hub->dead_to, (uint64_t) cfg->session_dead_after_ms);
+    h2o_timeout_init (hub->loop, &hub->linger_to, LINGER_MS);
+    h2o_timeout_init (hub->loop, &hub->flush_to, (uint64_t) cfg->session_flush_ms);
+    hub->timeouts_ready = true;
+    hub->flush_entry.cb = s_on_flush;
+    h2o_timeout_link (hub->loop, &hub->flush_to, &hub->flush_entry);
+
+    hub->args.cfg = cfg;
+    hub->args.live = hub->live;
+    hub->args.hub = &hub->rx;
+    hub->args.stats = &hub->stats;
+    memcpy (hub->args.boot_id, hub->boot_id, sizeof hub->boot_id);
+    hub->actor = zactor_new (cn_sessions_actor, &hub->args);
+    if (!hub->actor) {
+        snprintf (reason, rlen, "cannot start the sessions actor");
+        return -1;
+    }
+    zstr_send (hub->actor, "START");
+    char *ok = zstr_recv (hub->actor);
+    if (!ok || !streq (ok, "OK")) {
+        char *why = ok ? zstr_recv (hub->actor) : NULL;
+        snprintf (reason, rlen, "sessions: %s", why ? why : "no answer");
+        free (why);
+        free (ok);
+        return -1;
+    }
+    free (ok);
+    return 0;
+}
+
+void
+cn_hub_destroy (cn_hub_t **p)
+{
+    if (!p || !*p)
+        return;
+    cn_hub_t *hub = *p;
+    /* the actor first: nothing is sent to the mailbox after this */
+    zactor_destroy (&hub->actor);
+    zsock_destroy (&hub->push);
+    hub->push_handle = NULL;
+    if (hub->rx_registered) {
+        while (!h2o_linklist_is_empty (&hub->rx._messages)) {
+            h2o_linklist_t *l = hub->rx._messages.next;
+            h2o_linklist_unlink (l);
+            free (H2O_STRUCT_FROM_MEMBER (cn_hub_cmd_t, super.link, l));
+        }
+        h2o_multithread_unregister_receiver (hub->ctx->queue, &hub->rx);
+        hub->rx_registered = false;
+    }
+    /* sessions whose sockets outlived the shutdown grace */
+    while (!h2o_linklist_is_empty (&hub->all)) {
+        sess_t *s = H2O_STRUCT_FROM_MEMBER (sess_t, link, hub->all.next);
+        s_close_socket (s);
+    }
+    if (hub->timeouts_ready) {
+        if (h2o_timeout_is_linked (&hub->flush_entry))
+            h2o_timeout_unlink (&hub->flush_entry);
+        h2o_timeout_dispose (hub->loop, &hub->beat_to);
+        h2o_timeout_dispose (hub->loop, &hub->dead_to);
+        h2o_timeout_dispose (hub->loop, &hub->linger_to);
+        h2o_timeout_dispose (hub->loop, &hub->flush_to);
+        hub->timeouts_ready = false;
+    }
+    free (hub->table);
+    free (hub);
+    *p = NULL;
+}

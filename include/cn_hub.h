@@ -1,0 +1,104 @@
+/*
+ * cn_hub: the agent sessions of one instance, hosted in the HTTP gateway's
+ * h2o thread (proto/session.md, docs/sessions.md).
+ *
+ * Every session is a small struct with its own state, its socket, its two
+ * timer entries and its output queue; thousands live in the one h2o thread
+ * (no thread, no zactor per agent: ARCHITECTURE.md's figures). A session
+ * talks to the rest of cnapid only by messages:
+ *
+ *   hub -> sessions actor   one msgpack frame each (proto/hub.md) pushed with
+ *                           ZMQ_DONTWAIT to CN_SESSIONS_ENDPOINT: hello,
+ *                           vm_event, bye, flush, sessions
+ *   sessions actor -> hub   cn_hub_cmd_t through the hub's h2o multithread
+ *                           receiver (its mailbox): welcome, close, snapshot
+ *
+ * The hub never blocks: the store, Redis and the writer are the sessions
+ * actor's (actors/cn_sessions.c), which the hub starts and owns.
+ *
+ * Life cycle (all but on_req / shutdown / count from the gateway's actor
+ * thread, before the h2o thread starts or after it ended):
+ *
+ *   cn_hub_t *hub = cn_hub_new (cfg, &ctx, live);
+ *   cn_hub_start (hub, reason, sizeof reason);   // binds, starts "sessions"
+ *   ... h2o thread: cn_hub_on_req (hub, req, uuid) for GET /agent/session
+ *   ... h2o thread at shutdown: cn_hub_shutdown (hub); run the loop while
+ *       cn_hub_count (hub) > 0 (bounded)
+ *   cn_hub_destroy (&hub);                        // after the h2o thread
+ */
+#ifndef CN_HUB_H
+#define CN_HUB_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <h2o.h>
+
+#include "cn_config.h"
+#include "cn_liveness.h"
+
+#define CN_SESSIONS_ENDPOINT "inproc://cnapi-sessions"
+
+/* Commands from the sessions actor to the hub (the sessions' mailbox). */
+enum {
+    CN_HUB_WELCOME = 1,       /* sid owns its server at epoch: send welcome */
+    CN_HUB_CLOSE,             /* send goaway (when set), then close with code */
+    CN_HUB_SNAPSHOT,          /* push a "sessions" page (offset, limit) */
+    CN_HUB_WAKE               /* nothing: wakes the loop (shutdown) */
+};
+
+typedef struct {
+    h2o_multithread_message_t super;   /* first: the queue links it */
+    int kind;
+    uint64_t sid;
+    uint64_t epoch;
+    uint16_t code;            /* CLOSE: WebSocket close code */
+    char reason[96];          /* CLOSE: close reason text */
+    char goaway[16];          /* CLOSE: goaway reason ("" = no goaway) */
+    uint64_t req;             /* SNAPSHOT: request id to echo */
+    uint64_t offset, limit;   /* SNAPSHOT: page */
+} cn_hub_cmd_t;
+
+/* Counters the hub (h2o thread) keeps and the sessions actor reports. */
+typedef struct {
+    atomic_uint_fast64_t open;         /* sessions with a socket */
+    atomic_uint_fast64_t upgrades;     /* WebSocket upgrades accepted */
+    atomic_uint_fast64_t bad_frames;   /* sessions closed for a protocol error */
+    atomic_uint_fast64_t timeouts;     /* sessions closed for silence (4002) */
+    atomic_uint_fast64_t frames_in;    /* frames received */
+    atomic_uint_fast64_t hb_sent;      /* heartbeats sent */
+    atomic_uint_fast64_t busy;         /* messages the actor's queue refused */
+} cn_hub_stats_t;
+
+typedef struct cn_hub cn_hub_t;
+
+/* Allocates only (no I/O). ctx: the gateway's h2o context (its loop and
+ * multithread queue); live: the status table the sessions actor keeps. */
+cn_hub_t *cn_hub_new (const cn_config_t *cfg, h2o_context_t *ctx, cn_liveness_t *live);
+/* Bind the PUSH to the sessions actor, register the mailbox, start the
+ * sessions actor (which loads the status table). 0, or -1 with reason. */
+int cn_hub_start (cn_hub_t *hub, char *reason, size_t rlen);
+/* Stop the sessions actor, free every session left, unregister. *p NULL. */
+void cn_hub_destroy (cn_hub_t **p);
+
+/* h2o thread: GET /agent/session that is a WebSocket upgrade with a valid
+ * x-server-uuid (uuid, lower case) and Sec-WebSocket-Key (key): answer 101
+ * and make the session. Returns 0 (the request is handled), or -1 with *why
+ * (a static string) when the key is bad: the caller answers 400. */
+int cn_hub_on_req (cn_hub_t *hub, h2o_req_t *req, const char *uuid, h2o_iovec_t key,
+                   const char **why);
+
+/* h2o thread: stop taking sessions; send goaway "shutdown" and close 1001
+ * to every session. The sockets close as their last bytes are written. */
+void cn_hub_shutdown (cn_hub_t *hub);
+/* h2o thread: sessions still holding a socket. */
+size_t cn_hub_count (cn_hub_t *hub);
+/* h2o thread: sock is a session's (the gateway leaves those to the hub at
+ * shutdown). */
+bool cn_hub_is_session (cn_hub_t *hub, h2o_socket_t *sock);
+
+/* The hub's mailbox: the sessions actor sends commands here. */
+h2o_multithread_receiver_t *cn_hub_receiver (cn_hub_t *hub);
+
+#endif

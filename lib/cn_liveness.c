@@ -1,0 +1,381 @@
+/*
+ * cn_liveness: the status row codec and the status table. See
+ * include/cn_liveness.h and docs/sessions.md.
+ *
+ * The table is a chained hash (FNV-1a of the uuid) that doubles when it holds
+ * more rows than buckets, guarded by one pthread read-write lock. Readers
+ * (h2o thread, backends) hold the read lock for one lookup and a copy of one
+ * row; the writer (the sessions actor) takes the write lock per row or per
+ * chunk of rows. A rehash happens under the write lock of the put that
+ * triggers it (15,000 rows: well under a millisecond).
+ */
+#include "cn_liveness.h"
+
+#include <ctype.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cn_util.h"
+
+const cn_mindex_t cn_status_index[] = {
+    { "owner", CN_MIDX_STRING, false },
+    { "status", CN_MIDX_STRING, false },
+};
+const size_t cn_status_nindex = sizeof cn_status_index / sizeof cn_status_index[0];
+
+const cn_mindex_t cn_instance_index[] = {
+    { "boot_id", CN_MIDX_STRING, false },
+};
+const size_t cn_instance_nindex = sizeof cn_instance_index / sizeof cn_instance_index[0];
+
+/* ---- the row -------------------------------------------------------- */
+
+/* "YYYY-MM-DDTHH:MM:SS[.mmm]Z" -> ms; false when it is not that. */
+static bool
+s_iso_to_ms (const char *s, int64_t *out)
+{
+    struct tm tm;
+    memset (&tm, 0, sizeof tm);
+    int ms = 0, n = 0;
+    if (!s || sscanf (s, "%4d-%2d-%2dT%2d:%2d:%2d%n", &tm.tm_year, &tm.tm_mon,
+                      &tm.tm_mday, &tm.tm_hour, &tm.tm_min, &tm.tm_sec, &n) != 6)
+        return false;
+    const char *p = s + n;
+    if (*p == '.') {
+        p++;
+        int digits = 0;
+        while (isdigit ((unsigned char) *p)) {
+            if (digits < 3)
+                ms = ms * 10 + (*p - '0');
+            digits++;
+            p++;
+        }
+        for (; digits < 3; digits++)
+            ms *= 10;
+    }
+    if (strcmp (p, "Z") != 0)
+        return false;
+    tm.tm_year -= 1900;
+    tm.tm_mon -= 1;
+    *out = (int64_t) timegm (&tm) * 1000 + ms;
+    return true;
+}
+
+static void
+s_copy (char *dst, size_t cap, const char *src)
+{
+    snprintf (dst, cap, "%s", src ? src : "");
+}
+
+int
+cn_status_row_parse (const char *json, size_t len, cn_status_row_t *out)
+{
+    json_error_t jerr;
+    json_t *o = json_loadb (json, len, 0, &jerr);
+    int rc = -1;
+    cn_status_row_t r;
+    memset (&r, 0, sizeof r);
+    if (!json_is_object (o))
+        goto done;
+    const char *uuid = json_string_value (json_object_get (o, "server_uuid"));
+    json_t *epoch = json_object_get (o, "epoch");
+    const char *status = json_string_value (json_object_get (o, "status"));
+    if (!uuid || !cn_uuid_normalize (uuid, r.uuid) || !json_is_integer (epoch)
+        || json_integer_value (epoch) < 0 || !status)
+        goto done;
+    r.epoch = (uint64_t) json_integer_value (epoch);
+    r.running = strcmp (status, "running") == 0;
+    const char *owner = json_string_value (json_object_get (o, "owner"));
+    const char *boot = json_string_value (json_object_get (o, "owner_boot"));
+    s_copy (r.owner, sizeof r.owner, owner);
+    s_copy (r.owner_boot, sizeof r.owner_boot, boot);
+    (void) s_iso_to_ms (json_string_value (json_object_get (o, "last_heartbeat")),
+                        &r.last_heartbeat_ms);
+    (void) s_iso_to_ms (json_string_value (json_object_get (o, "since")), &r.since_ms);
+    *out = r;
+    rc = 0;
+done:
+    json_decref (o);
+    return rc;
+}
+
+char *
+cn_status_row_format (const cn_status_row_t *r)
+{
+    char hb[32], since[32];
+    json_t *o = json_pack ("{s:s,s:s?,s:s?,s:I,s:s,s:s?,s:s}",
+                           "server_uuid", r->uuid,
+                           "owner", r->owner[0] ? r->owner : NULL,
+                           "owner_boot", r->owner_boot[0] ? r->owner_boot : NULL,
+                           "epoch", (json_int_t) r->epoch,
+                           "status", r->running ? "running" : "unknown",
+                           "last_heartbeat", r->last_heartbeat_ms > 0
+                               ? cn_iso8601 (r->last_heartbeat_ms, hb, sizeof hb) : NULL,
+                           "since", cn_iso8601 (r->since_ms, since, sizeof since));
+    char *text = o ? json_dumps (o, JSON_COMPACT) : NULL;
+    json_decref (o);
+    if (!text)
+        abort ();
+    return text;
+}
+
+char *
+cn_status_row_message (const cn_status_row_t *r, char *buf, size_t len)
+{
+    snprintf (buf, len, "%s %s %s %" PRIu64 " %" PRId64, r->uuid,
+              r->running ? "running" : "unknown", r->owner[0] ? r->owner : "-",
+              r->epoch, r->version);
+    return buf;
+}
+
+int
+cn_status_message_parse (const char *msg, cn_status_row_t *out)
+{
+    char uuid[40], status[16], owner[80];
+    unsigned long long epoch = 0;
+    long long version = 0;
+    int n = msg ? sscanf (msg, "%39s %15s %79s %llu %lld", uuid, status, owner, &epoch,
+                          &version) : 0;
+    cn_status_row_t r;
+    memset (&r, 0, sizeof r);
+    if (n < 4 || !cn_uuid_normalize (uuid, r.uuid))
+        return -1;
+    if (strcmp (status, "running") == 0)
+        r.running = true;
+    else if (strcmp (status, "unknown") != 0)
+        return -1;
+    if (strcmp (owner, "-") != 0) {
+        if (strlen (owner) >= sizeof r.owner)
+            return -1;
+        s_copy (r.owner, sizeof r.owner, owner);
+    }
+    r.epoch = epoch;
+    r.version = n == 5 ? version : 0;
+    *out = r;
+    return 0;
+}
+
+/* ---- the table ------------------------------------------------------ */
+
+typedef struct node {
+    struct node *next;
+    cn_status_row_t row;
+} node_t;
+
+struct cn_liveness {
+    pthread_rwlock_t lock;
+    node_t **buckets;
+    size_t nbuckets;          /* power of two */
+    size_t count;
+    size_t running;
+    atomic_bool loaded;
+};
+
+static size_t
+s_hash (const char *uuid)
+{
+    uint64_t h = 1469598103934665603ULL;
+    for (int i = 0; i < 36 && uuid[i]; i++) {
+        h ^= (unsigned char) uuid[i];
+        h *= 1099511628211ULL;
+    }
+    return (size_t) h;
+}
+
+cn_liveness_t *
+cn_liveness_new (void)
+{
+    cn_liveness_t *t = calloc (1, sizeof *t);
+    if (!t)
+        abort ();
+    t->nbuckets = 1024;
+    t->buckets = calloc (t->nbuckets, sizeof *t->buckets);
+    if (!t->buckets)
+        abort ();
+    pthread_rwlock_init (&t->lock, NULL);
+    return t;
+}
+
+void
+cn_liveness_destroy (cn_liveness_t **p)
+{
+    if (!p || !*p)
+        return;
+    cn_liveness_t *t = *p;
+    for (size_t i = 0; i < t->nbuckets; i++) {
+        node_t *n = t->buckets[i];
+        while (n) {
+            node_t *next = n->next;
+            free (n);
+            n = next;
+        }
+    }
+    free (t->buckets);
+    pthread_rwlock_destroy (&t->lock);
+    free (t);
+    *p = NULL;
+}
+
+static node_t *
+s_find (const cn_liveness_t *t, const char *uuid)
+{
+    for (node_t *n = t->buckets[s_hash (uuid) & (t->nbuckets - 1)]; n; n = n->next)
+        if (memcmp (n->row.uuid, uuid, 36) == 0)
+            return n;
+    return NULL;
+}
+
+static void
+s_grow (cn_liveness_t *t)
+{
+    size_t nb = t->nbuckets * 2;
+    node_t **b = calloc (nb, sizeof *b);
+    if (!b)
+        return;                 /* keep the longer chains */
+    for (size_t i = 0; i < t->nbuckets; i++) {
+        node_t *n = t->buckets[i];
+        while (n) {
+            node_t *next = n->next;
+            size_t k = s_hash (n->row.uuid) & (nb - 1);
+            n->next = b[k];
+            b[k] = n;
+            n = next;
+        }
+    }
+    free (t->buckets);
+    t->buckets = b;
+    t->nbuckets = nb;
+}
+
+/* Under the write lock. */
+static bool
+s_put (cn_liveness_t *t, const cn_status_row_t *r)
+{
+    node_t *n = s_find (t, r->uuid);
+    if (n) {
+        if (r->version <= n->row.version)
+            return false;
+        if (n->row.running)
+            t->running--;
+        n->row = *r;
+        if (r->running)
+            t->running++;
+        return true;
+    }
+    n = malloc (sizeof *n);
+    if (!n)
+        abort ();
+    n->row = *r;
+    size_t k = s_hash (r->uuid) & (t->nbuckets - 1);
+    n->next = t->buckets[k];
+    t->buckets[k] = n;
+    t->count++;
+    if (r->running)
+        t->running++;
+    if (t->count > t->nbuckets)
+        s_grow (t);
+    return true;
+}
+
+bool
+cn_liveness_put (cn_liveness_t *t, const cn_status_row_t *r)
+{
+    pthread_rwlock_wrlock (&t->lock);
+    bool ok = s_put (t, r);
+    pthread_rwlock_unlock (&t->lock);
+    return ok;
+}
+
+size_t
+cn_liveness_put_many (cn_liveness_t *t, const cn_status_row_t *rows, size_t n)
+{
+    size_t applied = 0;
+    for (size_t i = 0; i < n; i += CN_LIVENESS_CHUNK) {
+        size_t end = i + CN_LIVENESS_CHUNK < n ? i + CN_LIVENESS_CHUNK : n;
+        pthread_rwlock_wrlock (&t->lock);
+        for (size_t k = i; k < end; k++)
+            applied += s_put (t, &rows[k]);
+        pthread_rwlock_unlock (&t->lock);
+    }
+    return applied;
+}
+
+void
+cn_liveness_del (cn_liveness_t *t, const char *uuid)
+{
+    pthread_rwlock_wrlock (&t->lock);
+    node_t **pp = &t->buckets[s_hash (uuid) & (t->nbuckets - 1)];
+    while (*pp && memcmp ((*pp)->row.uuid, uuid, 36) != 0)
+        pp = &(*pp)->next;
+    if (*pp) {
+        node_t *n = *pp;
+        *pp = n->next;
+        if (n->row.running)
+            t->running--;
+        t->count--;
+        free (n);
+    }
+    pthread_rwlock_unlock (&t->lock);
+}
+
+bool
+cn_liveness_get (const cn_liveness_t *ct, const char *uuid, cn_status_row_t *out)
+{
+    if (!ct || !uuid)
+        return false;
+    cn_liveness_t *t = (cn_liveness_t *) ct;
+    pthread_rwlock_rdlock (&t->lock);
+    node_t *n = s_find (t, uuid);
+    if (n)
+        *out = n->row;
+    pthread_rwlock_unlock (&t->lock);
+    return n != NULL;
+}
+
+void
+cn_liveness_set_loaded (cn_liveness_t *t, bool loaded)
+{
+    atomic_store (&t->loaded, loaded);
+}
+
+bool
+cn_liveness_loaded (const cn_liveness_t *t)
+{
+    return t && atomic_load (&((cn_liveness_t *) t)->loaded);
+}
+
+size_t
+cn_liveness_count (const cn_liveness_t *ct, size_t *running)
+{
+    cn_liveness_t *t = (cn_liveness_t *) ct;
+    pthread_rwlock_rdlock (&t->lock);
+    size_t n = t->count;
+    if (running)
+        *running = t->running;
+    pthread_rwlock_unlock (&t->lock);
+    return n;
+}
+
+size_t
+cn_liveness_snapshot (const cn_liveness_t *ct, cn_status_row_t **out)
+{
+    cn_liveness_t *t = (cn_liveness_t *) ct;
+    /* a read lock: other readers go on; the only writer is the caller */
+    pthread_rwlock_rdlock (&t->lock);
+    size_t n = 0;
+    cn_status_row_t *rows = malloc ((t->count ? t->count : 1) * sizeof *rows);
+    if (!rows)
+        abort ();
+    for (size_t i = 0; i < t->nbuckets; i++)
+        for (node_t *nd = t->buckets[i]; nd; nd = nd->next)
+            rows[n++] = nd->row;
+    pthread_rwlock_unlock (&t->lock);
+    *out = rows;
+    return n;
+}

@@ -1,0 +1,223 @@
+/* Unit tests: lib/cn_liveness.c (status rows, the status table) and the
+ * session-aware status in lib/cn_server.c. */
+#include "cn_liveness.h"
+#include "cn_server.h"
+#include "cn_test.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+
+#define U1 "930896af-bf8c-48d4-885c-6573a94b1853"
+#define U2 "0ce1f2a4-9b5d-4d0e-9a3e-1c2b3d4e5f60"
+
+static cn_status_row_t
+s_row (const char *uuid, bool running, const char *owner, uint64_t epoch, int64_t version)
+{
+    cn_status_row_t r;
+    memset (&r, 0, sizeof r);
+    snprintf (r.uuid, sizeof r.uuid, "%s", uuid);
+    r.running = running;
+    snprintf (r.owner, sizeof r.owner, "%s", owner ? owner : "");
+    if (owner)
+        snprintf (r.owner_boot, sizeof r.owner_boot, "%s", U2);
+    r.epoch = epoch;
+    r.last_heartbeat_ms = 1795000000123LL;
+    r.since_ms = 1795000000000LL;
+    r.version = version;
+    return r;
+}
+
+static void
+test_row_codec (void)
+{
+    cn_status_row_t r = s_row (U1, true, "cnapi-1", 7, 0), back;
+    char *text = cn_status_row_format (&r);
+    CHECK (strstr (text, "\"status\":\"running\"") != NULL);
+    CHECK (strstr (text, "\"last_heartbeat\":\"2026-11-18T") != NULL);
+    CHECK_INT (cn_status_row_parse (text, strlen (text), &back), 0);
+    CHECK_STR (back.uuid, U1);
+    CHECK (back.running);
+    CHECK_STR (back.owner, "cnapi-1");
+    CHECK_STR (back.owner_boot, U2);
+    CHECK_INT (back.epoch, 7);
+    CHECK_INT (back.last_heartbeat_ms, r.last_heartbeat_ms);
+    CHECK_INT (back.since_ms, r.since_ms);
+    free (text);
+
+    r = s_row (U1, false, NULL, 8, 0);
+    r.last_heartbeat_ms = 0;
+    text = cn_status_row_format (&r);
+    CHECK (strstr (text, "\"owner\":null") != NULL);
+    CHECK (strstr (text, "\"last_heartbeat\":null") != NULL);
+    CHECK_INT (cn_status_row_parse (text, strlen (text), &back), 0);
+    CHECK (!back.running);
+    CHECK_STR (back.owner, "");
+    CHECK_INT (back.last_heartbeat_ms, 0);
+    free (text);
+
+    CHECK_INT (cn_status_row_parse ("{}", 2, &back), -1);
+    CHECK_INT (cn_status_row_parse ("[1]", 3, &back), -1);
+    const char *bad = "{\"server_uuid\":\"x\",\"epoch\":1,\"status\":\"running\"}";
+    CHECK_INT (cn_status_row_parse (bad, strlen (bad), &back), -1);
+}
+
+static void
+test_message_codec (void)
+{
+    cn_status_row_t r = s_row (U1, true, "cnapi-2", 12, 345), back;
+    char msg[256];
+    cn_status_row_message (&r, msg, sizeof msg);
+    CHECK_STR (msg, U1 " running cnapi-2 12 345");
+    CHECK_INT (cn_status_message_parse (msg, &back), 0);
+    CHECK_STR (back.uuid, U1);
+    CHECK (back.running);
+    CHECK_STR (back.owner, "cnapi-2");
+    CHECK_INT (back.epoch, 12);
+    CHECK_INT (back.version, 345);
+    CHECK_INT (cn_status_message_parse (U1 " unknown - 3", &back), 0);
+    CHECK (!back.running);
+    CHECK_STR (back.owner, "");
+    CHECK_INT (back.version, 0);
+    CHECK_INT (cn_status_message_parse (U1 " sleeping x 3", &back), -1);
+    CHECK_INT (cn_status_message_parse ("nope running x 3", &back), -1);
+    CHECK_INT (cn_status_message_parse (NULL, &back), -1);
+}
+
+static void
+test_table_versions (void)
+{
+    cn_liveness_t *t = cn_liveness_new ();
+    cn_status_row_t r = s_row (U1, true, "a", 1, 10), out;
+    CHECK (!cn_liveness_get (t, U1, &out));
+    CHECK (cn_liveness_put (t, &r));
+    CHECK (cn_liveness_get (t, U1, &out));
+    CHECK_STR (out.owner, "a");
+    /* older or equal versions never move it back */
+    cn_status_row_t old = s_row (U1, false, NULL, 1, 9);
+    CHECK (!cn_liveness_put (t, &old));
+    CHECK (!cn_liveness_put (t, &r));
+    cn_liveness_get (t, U1, &out);
+    CHECK (out.running);
+    cn_status_row_t newer = s_row (U1, false, NULL, 1, 11);
+    CHECK (cn_liveness_put (t, &newer));
+    cn_liveness_get (t, U1, &out);
+    CHECK (!out.running);
+    size_t running = 99;
+    CHECK_INT (cn_liveness_count (t, &running), 1);
+    CHECK_INT (running, 0);
+    cn_liveness_del (t, U1);
+    CHECK (!cn_liveness_get (t, U1, &out));
+    CHECK (!cn_liveness_get (NULL, U1, &out));
+    cn_liveness_destroy (&t);
+    CHECK (t == NULL);
+}
+
+static void
+test_table_many (void)
+{
+    cn_liveness_t *t = cn_liveness_new ();
+    size_t n = 20000;
+    cn_status_row_t *rows = calloc (n, sizeof *rows);
+    for (size_t i = 0; i < n; i++) {
+        char u[37];
+        snprintf (u, sizeof u, "%08zx-0000-4000-8000-000000000000", i);
+        rows[i] = s_row (u, i % 3 != 0, "x", 1, 1);
+    }
+    CHECK_INT (cn_liveness_put_many (t, rows, n), n);
+    size_t running = 0;
+    CHECK_INT (cn_liveness_count (t, &running), n);
+    CHECK_INT (running, n - (n + 2) / 3);
+    cn_status_row_t *snap = NULL;
+    CHECK_INT (cn_liveness_snapshot (t, &snap), n);
+    free (snap);
+    cn_status_row_t out;
+    CHECK (cn_liveness_get (t, rows[12345].uuid, &out));
+    CHECK_STR (out.uuid, rows[12345].uuid);
+    free (rows);
+    cn_liveness_destroy (&t);
+}
+
+/* Readers on other threads while the writer updates. */
+static cn_liveness_t *s_shared;
+static volatile int s_stop;
+
+static void *
+s_reader (void *arg)
+{
+    long hits = 0;
+    while (!s_stop) {
+        cn_status_row_t out;
+        if (cn_liveness_get (s_shared, U1, &out) && strcmp (out.uuid, U1) == 0)
+            hits++;
+    }
+    return (void *) hits;
+}
+
+static void
+test_table_threads (void)
+{
+    s_shared = cn_liveness_new ();
+    pthread_t th[2];
+    for (int i = 0; i < 2; i++)
+        pthread_create (&th[i], NULL, s_reader, NULL);
+    for (int v = 1; v <= 20000; v++) {
+        cn_status_row_t r = s_row (v % 2 ? U1 : U2, v % 2, "w", (uint64_t) v, v);
+        cn_liveness_put (s_shared, &r);
+    }
+    s_stop = 1;
+    long hits = 0;
+    for (int i = 0; i < 2; i++) {
+        void *h;
+        pthread_join (th[i], &h);
+        hits += (long) h;
+    }
+    CHECK (hits > 0);
+    cn_liveness_destroy (&s_shared);
+}
+
+static void
+test_server_status (void)
+{
+    /* a setup server whose sysinfo is stale: unknown without a session row,
+     * whatever the row says with one */
+    json_t *rec = json_pack ("{s:s,s:I}", "uuid", U1, "last_sysinfo", (json_int_t) 1000);
+    int64_t now = 1000000;
+    cn_liveness_t *t = cn_liveness_new ();
+    CHECK_STR (cn_server_status (rec, now, 90, t), "unknown");
+    CHECK_STR (cn_server_status (rec, 1000, 90, t), "running");      /* fresh sysinfo */
+    cn_status_row_t r = s_row (U1, true, "a", 1, 1);
+    cn_liveness_put (t, &r);
+    CHECK_STR (cn_server_status (rec, now, 90, t), "running");
+    int64_t hb = 0;
+    CHECK (cn_server_last_heartbeat (rec, t, &hb));
+    CHECK_INT (hb, r.last_heartbeat_ms);
+    r = s_row (U1, false, NULL, 1, 2);
+    cn_liveness_put (t, &r);
+    /* a row saying unknown wins over fresh sysinfo */
+    CHECK_STR (cn_server_status (rec, 1000, 90, t), "unknown");
+    json_object_set_new (rec, "transitional_status", json_string ("rebooting"));
+    CHECK_STR (cn_server_status (rec, now, 90, t), "rebooting");
+    /* without a table: the record alone */
+    CHECK_STR (cn_server_status (rec, 1000, 90, NULL), "running");
+    CHECK (cn_server_last_heartbeat (rec, NULL, &hb));
+    CHECK_INT (hb, 1000);
+    json_t *v = cn_server_render (rec, true, 0, NULL, 0, now, 90, t);
+    CHECK_STR (json_string_value (json_object_get (v, "status")), "rebooting");
+    CHECK_STR (json_string_value (json_object_get (v, "last_heartbeat")),
+               "2026-11-18T11:06:40.123Z");
+    json_decref (v);
+    json_decref (rec);
+    cn_liveness_destroy (&t);
+}
+
+int
+main (void)
+{
+    RUN (test_row_codec);
+    RUN (test_message_codec);
+    RUN (test_table_versions);
+    RUN (test_table_many);
+    RUN (test_table_threads);
+    RUN (test_server_status);
+    return cn_test_done ();
+}
