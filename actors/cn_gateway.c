@@ -81,6 +81,24 @@
 #define PENDING_BUCKETS 16384   /* power of two */
 #define SHUTDOWN_GRACE_MS 2000
 
+/* Where a request goes: the backends, or one of the services the gateway
+ * starts (each a zactor taking a cn_backend_args_t, with a PULL connected to
+ * its endpoint; fn NULL: not in this build, the route answers 501). */
+typedef struct {
+    const char *name;
+    const char *endpoint;
+    zactor_fn *fn;
+} gw_service_t;
+
+enum { SVC_BACKEND, SVC_TASKS, SVC_UR, SVC_WAITLIST, SVC_COUNT };
+
+static const gw_service_t s_services[SVC_COUNT] = {
+    [SVC_BACKEND] = { "backend", CN_BACKEND_ENDPOINT, NULL },   /* started apart */
+    [SVC_TASKS] = { "tasks", CN_TASKS_ENDPOINT, NULL },
+    [SVC_UR] = { "ur", CN_UR_ENDPOINT, NULL },
+    [SVC_WAITLIST] = { "waitlist", CN_WAITLIST_ENDPOINT, NULL },
+};
+
 typedef struct gw gw_t;
 
 /* A request waiting for a backend reply; lives in the request's pool. */
@@ -166,6 +184,13 @@ struct gw {
     atomic_bool stop;
     zsock_t *push;
     void *push_handle;
+
+    /* the other services (s_services; index SVC_BACKEND unused) */
+    zsock_t *svc_push[SVC_COUNT];
+    void *svc_push_handle[SVC_COUNT];
+    zactor_t *svc_actor[SVC_COUNT];
+    cn_backend_args_t svc_args[SVC_COUNT];
+    h2o_timeout_t wait_timeout;
 
     /* backends */
     zactor_t **backends;
@@ -712,13 +737,48 @@ s_on_invals (h2o_multithread_receiver_t *rx, h2o_linklist_t *messages)
 /* ------------------------------------------------------------------ */
 /* Requests                                                             */
 
-enum { R_NONE, R_PING, R_SERVERS, R_SERVER, R_SERVER_SYSINFO, R_SESSION };
+enum {
+    R_NONE, R_PING, R_SESSION,
+    R_SERVERS, R_SERVER, R_SERVER_SYSINFO, R_SERVER_SYSINFO_REFRESH, R_SERVER_EXECUTE,
+    R_SERVER_VMS, R_SERVER_VM, R_SERVER_VM_ACTION, R_SERVER_TICKETS,
+    R_TASK, R_TASK_WAIT, R_TICKET, R_TICKET_WAIT, R_TICKET_RELEASE,
+    R_CAPACITY, R_PLATFORMS, R_BOOT
+};
 
 typedef struct {
     int route;
-    char uuid[64];              /* decoded :server_uuid (may be invalid) */
+    char uuid[64];              /* decoded :server_uuid (or /boot/:uuid); may be invalid */
     bool uuid_too_long;
+    bool has_uuid;
+    char sub[64];               /* decoded :vm / :task / :ticket; may be invalid */
+    bool has_sub;
+    char action[16];            /* R_SERVER_VM_ACTION: start stop reboot kill update */
 } route_t;
+
+/* Percent-decode seg into out (size n); false when it does not fit. */
+static bool
+s_decode_seg (h2o_iovec_t seg, char *out, size_t n)
+{
+    size_t o = 0;
+    for (size_t k = 0; k < seg.len; k++) {
+        char c = seg.base[k];
+        if (c == '%' && k + 2 < seg.len && isxdigit ((unsigned char) seg.base[k + 1])
+            && isxdigit ((unsigned char) seg.base[k + 2])) {
+            char hex[3] = { seg.base[k + 1], seg.base[k + 2], 0 };
+            c = (char) strtol (hex, NULL, 16);
+            k += 2;
+        }
+        if (o + 1 >= n) {
+            out[o] = 0;
+            return false;
+        }
+        out[o++] = c;
+    }
+    out[o] = 0;
+    return true;
+}
+
+#define SEG_IS(i, lit) h2o_memis (seg[i].base, seg[i].len, H2O_STRLIT (lit))
 
 /* Split the path (before '?') into segments, ignoring empty ones. */
 static void
@@ -726,7 +786,7 @@ s_route (const h2o_req_t *req, route_t *rt)
 {
     const char *p = req->input.path.base;
     size_t len = req->input.query_at != SIZE_MAX ? req->input.query_at : req->input.path.len;
-    h2o_iovec_t seg[4];
+    h2o_iovec_t seg[6];
     int n = 0;
     size_t i = 0;
     memset (rt, 0, sizeof *rt);
@@ -738,47 +798,79 @@ s_route (const h2o_req_t *req, route_t *rt)
         size_t s = i;
         while (i < len && p[i] != '/')
             i++;
-        if (n == 4)
+        if (n == 6)
             return;             /* too deep: no route */
         seg[n++] = h2o_iovec_init (p + s, i - s);
     }
-    if (n == 1 && h2o_memis (seg[0].base, seg[0].len, H2O_STRLIT ("ping")))
+    if (n == 0)
+        return;
+    int uuid_seg = -1, sub_seg = -1;
+    if (n == 1 && SEG_IS (0, "ping"))
         rt->route = R_PING;
-    else
-    if (n == 2 && h2o_memis (seg[0].base, seg[0].len, H2O_STRLIT ("agent"))
-        && h2o_memis (seg[1].base, seg[1].len, H2O_STRLIT ("session")))
+    else if (n == 2 && SEG_IS (0, "agent") && SEG_IS (1, "session"))
         rt->route = R_SESSION;
-    else
-    if (n >= 1 && n <= 3 && h2o_memis (seg[0].base, seg[0].len, H2O_STRLIT ("servers"))) {
+    else if (n == 1 && SEG_IS (0, "capacity"))
+        rt->route = R_CAPACITY;
+    else if (n == 1 && SEG_IS (0, "platforms"))
+        rt->route = R_PLATFORMS;
+    else if (n == 2 && SEG_IS (0, "boot")) {
+        rt->route = R_BOOT;
+        uuid_seg = 1;
+    }
+    else if (SEG_IS (0, "tasks") && (n == 2 || (n == 3 && SEG_IS (2, "wait")))) {
+        rt->route = n == 2 ? R_TASK : R_TASK_WAIT;
+        sub_seg = 1;
+    }
+    else if (SEG_IS (0, "tickets") && n >= 2 && n <= 3) {
+        rt->route = n == 2 ? R_TICKET : SEG_IS (2, "wait") ? R_TICKET_WAIT
+                  : SEG_IS (2, "release") ? R_TICKET_RELEASE : R_NONE;
+        sub_seg = 1;
+    }
+    else if (SEG_IS (0, "servers")) {
         if (n == 1)
             rt->route = R_SERVERS;
-        else
-        if (n == 2)
+        else if (n == 2)
             rt->route = R_SERVER;
-        else
-        if (h2o_memis (seg[2].base, seg[2].len, H2O_STRLIT ("sysinfo")))
+        else if (n == 3 && SEG_IS (2, "sysinfo"))
             rt->route = R_SERVER_SYSINFO;
-        if (rt->route && n >= 2) {
-            /* percent-decode :server_uuid */
-            size_t o = 0;
-            for (size_t k = 0; k < seg[1].len; k++) {
-                char c = seg[1].base[k];
-                if (c == '%' && k + 2 < seg[1].len && isxdigit ((unsigned char) seg[1].base[k + 1])
-                    && isxdigit ((unsigned char) seg[1].base[k + 2])) {
-                    char hex[3] = { seg[1].base[k + 1], seg[1].base[k + 2], 0 };
-                    c = (char) strtol (hex, NULL, 16);
-                    k += 2;
-                }
-                if (o + 1 >= sizeof rt->uuid) {
-                    rt->uuid_too_long = true;
-                    break;
-                }
-                rt->uuid[o++] = c;
-            }
-            rt->uuid[o] = 0;
+        else if (n == 3 && SEG_IS (2, "sysinfo-refresh"))
+            rt->route = R_SERVER_SYSINFO_REFRESH;
+        else if (n == 3 && SEG_IS (2, "execute"))
+            rt->route = R_SERVER_EXECUTE;
+        else if (n == 3 && SEG_IS (2, "vms"))
+            rt->route = R_SERVER_VMS;
+        else if (n == 3 && SEG_IS (2, "tickets"))
+            rt->route = R_SERVER_TICKETS;
+        else if (n == 4 && SEG_IS (2, "vms")) {
+            rt->route = R_SERVER_VM;
+            sub_seg = 3;
         }
+        else if (n == 5 && SEG_IS (2, "vms")
+                 && (SEG_IS (4, "start") || SEG_IS (4, "stop") || SEG_IS (4, "reboot")
+                     || SEG_IS (4, "kill") || SEG_IS (4, "update"))) {
+            rt->route = R_SERVER_VM_ACTION;
+            sub_seg = 3;
+            memcpy (rt->action, seg[4].base, seg[4].len);
+        }
+        if (rt->route != R_NONE && rt->route != R_SERVERS)
+            uuid_seg = 1;
+    }
+    if (rt->route == R_NONE)
+        return;
+    if (uuid_seg >= 0) {
+        rt->has_uuid = true;
+        rt->uuid_too_long = !s_decode_seg (seg[uuid_seg], rt->uuid, sizeof rt->uuid);
+        if (rt->uuid_too_long)
+            rt->uuid[0] = 0;
+    }
+    if (sub_seg >= 0) {
+        rt->has_sub = true;
+        if (!s_decode_seg (seg[sub_seg], rt->sub, sizeof rt->sub))
+            rt->sub[0] = 0;     /* too long: the service answers as for a bad id */
     }
 }
+
+#undef SEG_IS
 
 /* The methods a route takes, for 405 and Allow (restify's order). */
 static const char *
@@ -789,25 +881,75 @@ s_allowed (int route)
         case R_SERVERS: return "GET";
         case R_SERVER: return "GET, POST, DELETE";
         case R_SERVER_SYSINFO: return "POST";
+        case R_SERVER_SYSINFO_REFRESH: return "POST";
+        case R_SERVER_EXECUTE: return "POST";
+        case R_SERVER_VMS: return "POST";
+        case R_SERVER_VM: return "GET, DELETE";
+        case R_SERVER_VM_ACTION: return "POST";
+        case R_SERVER_TICKETS: return "GET, POST, DELETE";
+        case R_TASK: return "GET";
+        case R_TASK_WAIT: return "GET";
+        case R_TICKET: return "GET, DELETE";
+        case R_TICKET_WAIT: return "GET";
+        case R_TICKET_RELEASE: return "PUT";
+        case R_CAPACITY: return "POST";
+        case R_PLATFORMS: return "GET";
+        case R_BOOT: return "GET, PUT, POST";
         default: return "";
     }
 }
 
-/* The backend request type for route + method, or NULL (405). */
+/* The request type for route + method, or NULL (405); *svc: who answers it. */
 static const char *
-s_op (const h2o_req_t *req, int route)
+s_op (const h2o_req_t *req, int route, int *svc)
 {
     bool get = s_is_method (req, H2O_STRLIT ("GET"));
     bool post = s_is_method (req, H2O_STRLIT ("POST"));
+    bool put = s_is_method (req, H2O_STRLIT ("PUT"));
     bool del = s_is_method (req, H2O_STRLIT ("DELETE"));
+    *svc = SVC_BACKEND;
     switch (route) {
         case R_PING: return get ? "ping" : NULL;
         case R_SERVERS: return get ? "server_list" : NULL;
         case R_SERVER: return get ? "server_get" : post ? "server_update"
                               : del ? "server_delete" : NULL;
         case R_SERVER_SYSINFO: return post ? "server_sysinfo" : NULL;
+        case R_CAPACITY: return post ? "capacity" : NULL;
+        case R_PLATFORMS: return get ? "platforms" : NULL;
+        case R_BOOT: return get ? "boot_get" : put ? "boot_set" : post ? "boot_update" : NULL;
+        default: break;
+    }
+    *svc = SVC_TASKS;
+    switch (route) {
+        case R_SERVER_SYSINFO_REFRESH: return post ? "sysinfo_refresh" : NULL;
+        case R_SERVER_VMS: return post ? "vm_create" : NULL;
+        case R_SERVER_VM: return get ? "vm_load" : del ? "vm_destroy" : NULL;
+        case R_SERVER_VM_ACTION: return post ? "vm_action" : NULL;
+        case R_TASK: return get ? "task_get" : NULL;
+        case R_TASK_WAIT: return get ? "task_wait" : NULL;
+        default: break;
+    }
+    *svc = SVC_UR;
+    if (route == R_SERVER_EXECUTE)
+        return post ? "execute" : NULL;
+    *svc = SVC_WAITLIST;
+    switch (route) {
+        case R_SERVER_TICKETS: return post ? "ticket_create" : get ? "ticket_list"
+                                      : del ? "ticket_delete_all" : NULL;
+        case R_TICKET: return get ? "ticket_get" : del ? "ticket_delete" : NULL;
+        case R_TICKET_WAIT: return get ? "ticket_wait" : NULL;
+        case R_TICKET_RELEASE: return put ? "ticket_release" : NULL;
         default: return NULL;
     }
+}
+
+/* Requests that may be held open for a long time (their service answers by
+ * the client's timeout, at most CN_WAIT_MAX_S): the long timeout list. */
+static bool
+s_is_wait (const char *op)
+{
+    return strcmp (op, "task_wait") == 0 || strcmp (op, "ticket_wait") == 0
+           || strcmp (op, "execute") == 0;
 }
 
 /* GET /agent/session (proto/session.md): a WebSocket upgrade naming its
@@ -873,12 +1015,19 @@ s_on_req (h2o_handler_t *self, h2o_req_t *req)
                          "%.*s does not exist", (int) req->input.path.len, req->input.path.base);
         return 0;
     }
-    const char *op = s_op (req, rt.route);
+    int svc = SVC_BACKEND;
+    const char *op = s_op (req, rt.route, &svc);
     if (!op) {
         const char *allow = s_allowed (rt.route);
         h2o_add_header (&req->pool, &req->res.headers, H2O_TOKEN_ALLOW, NULL, allow, strlen (allow));
         s_respond_error (gw, req, req_id, start_ms, start_us, 405, "MethodNotAllowed",
                          "%.*s is not allowed", (int) req->method.len, req->method.base);
+        return 0;
+    }
+    if (svc != SVC_BACKEND && !gw->svc_push_handle[svc]) {
+        s_respond_error (gw, req, req_id, start_ms, start_us, 501, "NotImplemented",
+                         "%s is not available on this instance (no %s service)", op,
+                         s_services[svc].name);
         return 0;
     }
     bool has_query = req->input.query_at != SIZE_MAX
@@ -900,14 +1049,18 @@ s_on_req (h2o_handler_t *self, h2o_req_t *req)
     bool fill = plain_get && gw->nc_enabled;
     uint64_t id = ++gw->next_id;
     ssize_t cti = h2o_find_header (&req->headers, H2O_TOKEN_CONTENT_TYPE, -1);
-    uint32_t nfields = 2 + (rt.route >= R_SERVER) + has_query + has_body + (has_body && cti >= 0)
-                       + fill;
+    uint32_t nfields = 2 + rt.has_uuid + rt.has_sub + (rt.action[0] != 0) + has_query + has_body
+                       + (has_body && cti >= 0) + fill;
     cn_msgw_t w;
     cn_msgw_init (&w, op, nfields);
     cn_msgw_uint (&w, "id", id);
     cn_msgw_strn (&w, "req_id", req_id.base, req_id.len);
-    if (rt.route >= R_SERVER)
+    if (rt.has_uuid)
         cn_msgw_str (&w, "uuid", rt.uuid_too_long ? "" : rt.uuid);
+    if (rt.has_sub)
+        cn_msgw_str (&w, "sub", rt.sub);
+    if (rt.action[0])
+        cn_msgw_str (&w, "action", rt.action);
     if (has_query)
         cn_msgw_strn (&w, "query", req->input.path.base + req->input.query_at + 1,
                       req->input.path.len - req->input.query_at - 1);
@@ -921,7 +1074,8 @@ s_on_req (h2o_handler_t *self, h2o_req_t *req)
     char *data = NULL;
     size_t size = 0;
     cn_msgw_take (&w, &data, &size);
-    int rc = zmq_send (gw->push_handle, data, size, ZMQ_DONTWAIT);
+    int rc = zmq_send (svc == SVC_BACKEND ? gw->push_handle : gw->svc_push_handle[svc], data,
+                       size, ZMQ_DONTWAIT);
     free (data);
     if (rc < 0) {
         atomic_fetch_add_explicit (&gw->n_busy, 1, memory_order_relaxed);
@@ -951,7 +1105,8 @@ s_on_req (h2o_handler_t *self, h2o_req_t *req)
     p->in_table = true;
     gw->npending++;
     atomic_store_explicit (&gw->n_in_flight, gw->npending, memory_order_relaxed);
-    h2o_timeout_link (gw->evloop, &gw->req_timeout, &p->timeout);
+    h2o_timeout_link (gw->evloop, s_is_wait (op) ? &gw->wait_timeout : &gw->req_timeout,
+                      &p->timeout);
     return 0;
 }
 
@@ -1117,6 +1272,10 @@ s_h2o_thread (void *arg)
         h2o_evloop_run (gw->evloop, 10);
     zsock_destroy (&gw->push);
     gw->push_handle = NULL;
+    for (int k = 0; k < SVC_COUNT; k++) {
+        zsock_destroy (&gw->svc_push[k]);
+        gw->svc_push_handle[k] = NULL;
+    }
     s_h2o_release_thread_buffers ();
     return NULL;
 }
@@ -1375,7 +1534,12 @@ s_stop (gw_t *gw)
         gw->sub_timer = 0;
     }
     cn_redis_destroy (&gw->sub);
-    /* 3. the backends (nobody sends replies after this) */
+    /* 3. the services and the backends (nobody sends replies after this) */
+    for (int k = 0; k < SVC_COUNT; k++) {
+        zactor_destroy (&gw->svc_actor[k]);
+        zsock_destroy (&gw->svc_push[k]);
+        gw->svc_push_handle[k] = NULL;
+    }
     for (int i = 0; i < gw->nbackends; i++)
         zactor_destroy (&gw->backends[i]);
     free (gw->backends);
@@ -1400,6 +1564,7 @@ s_stop (gw_t *gw)
         s_nc_flush (gw);
         if (gw->timeout_ready) {
             h2o_timeout_dispose (gw->evloop, &gw->req_timeout);
+            h2o_timeout_dispose (gw->evloop, &gw->wait_timeout);
             gw->timeout_ready = false;
         }
         if (gw->rx_registered) {
@@ -1483,6 +1648,9 @@ s_start (gw_t *gw, char *reason, size_t rlen)
     gw->live = cn_liveness_new ();
     uint64_t tmo = 3 * (uint64_t) cfg->pg_timeout_ms + 2 * (uint64_t) cfg->redis_timeout_ms + 5000;
     h2o_timeout_init (gw->evloop, &gw->req_timeout, tmo);
+    /* waits: the service answers by the client's timeout (at most
+     * CN_WAIT_MAX_S); this only catches a service that never answers */
+    h2o_timeout_init (gw->evloop, &gw->wait_timeout, (uint64_t) CN_WAIT_MAX_S * 1000 + tmo);
     gw->timeout_ready = true;
     gw->accept_ctx.ctx = &gw->ctx;
     gw->accept_ctx.hosts = gw->gconf.hosts;
@@ -1512,6 +1680,42 @@ s_start (gw_t *gw, char *reason, size_t rlen)
         if (!ok || !streq (ok, "OK")) {
             char *why = ok ? zstr_recv (gw->backends[i]) : NULL;
             snprintf (reason, rlen, "backend %d: %s", i, why ? why : "no answer");
+            free (why);
+            free (ok);
+            goto fail;
+        }
+        free (ok);
+    }
+
+    /* the services in this build: a PUSH each (bound before the actor's
+     * PULL connects), then the actor */
+    for (int k = 0; k < SVC_COUNT; k++) {
+        if (k == SVC_BACKEND || !s_services[k].fn)
+            continue;
+        gw->svc_push[k] = zsock_new (ZMQ_PUSH);
+        if (!gw->svc_push[k])
+            abort ();
+        zsock_set_sndhwm (gw->svc_push[k], 10000);
+        zsock_set_linger (gw->svc_push[k], 0);
+        if (zsock_bind (gw->svc_push[k], "%s", s_services[k].endpoint) != 0) {
+            snprintf (reason, rlen, "bind %s: %s", s_services[k].endpoint,
+                      zmq_strerror (zmq_errno ()));
+            goto fail;
+        }
+        gw->svc_push_handle[k] = zsock_resolve (gw->svc_push[k]);
+        gw->svc_args[k] = (cn_backend_args_t) {
+            .cfg = cfg, .receiver = &gw->reply_rx, .index = 0, .live = gw->live,
+        };
+        gw->svc_actor[k] = zactor_new (s_services[k].fn, &gw->svc_args[k]);
+        if (!gw->svc_actor[k]) {
+            snprintf (reason, rlen, "cannot start the %s service", s_services[k].name);
+            goto fail;
+        }
+        zstr_send (gw->svc_actor[k], "START");
+        char *ok = zstr_recv (gw->svc_actor[k]);
+        if (!ok || !streq (ok, "OK")) {
+            char *why = ok ? zstr_recv (gw->svc_actor[k]) : NULL;
+            snprintf (reason, rlen, "%s: %s", s_services[k].name, why ? why : "no answer");
             free (why);
             free (ok);
             goto fail;

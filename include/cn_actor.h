@@ -20,6 +20,15 @@
 #define CN_CTL_FMT "inproc://cnapi-ctl-%s"
 #define CN_WRITER_ENDPOINT "inproc://cnapi-writer"
 #define CN_BACKEND_ENDPOINT "inproc://cnapi-backend"
+/* Services behind the gateway besides the backends (proto/backend.md framing,
+ * answers through the gateway's reply receiver; actors/cn_gateway.c starts
+ * them with a cn_backend_args_t) */
+#define CN_TASKS_ENDPOINT "inproc://cnapi-tasks"
+#define CN_UR_ENDPOINT "inproc://cnapi-ur"
+#define CN_WAITLIST_ENDPOINT "inproc://cnapi-waitlist"
+/* the longest wait a client may ask for (GET /tasks/:id/wait?timeout=N,
+ * tickets, execute), seconds */
+#define CN_WAIT_MAX_S 3600
 
 /* Bind a REP socket at CN_CTL_FMT for name; NULL on failure. */
 zsock_t *cn_ctl_bind (const char *name);
