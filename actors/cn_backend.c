@@ -36,6 +36,8 @@
 #include "cn_log.h"
 #include "cn_moray.h"
 #include "cn_msg.h"
+#include "cn_params.h"
+#include "cn_backend_extra.h"
 #include "cn_redis.h"
 #include "cn_server.h"
 #include "cn_util.h"
@@ -64,6 +66,7 @@ typedef struct {
     bool started;
     cn_moray_t *moray;
     cn_redis_t *redis;
+    cn_bextra_t extra;        /* capacity, platforms, boot (cn_backend_extra.c) */
     zhashx_t *wpending;       /* "tag" -> wreq_t */
     uint64_t next_tag;
     int64_t write_timeout_us;
@@ -223,200 +226,7 @@ s_reply_error (backend_t *self, uint64_t id, const char *req_id, int status,
 /* Parameters: query string, then body (restify's queryParser and        */
 /* bodyParser with mapParams)                                            */
 
-static int
-s_hex (int c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
-/* Percent-decode (and '+' -> ' ') into a fresh string. */
-static char *
-s_urldecode (const char *s, size_t len)
-{
-    char *out = malloc (len + 1);
-    size_t o = 0;
-    if (!out)
-        abort ();
-    for (size_t i = 0; i < len; i++) {
-        int hi, lo;
-        if (s[i] == '+')
-            out[o++] = ' ';
-        else
-        if (s[i] == '%' && i + 2 < len
-            && (hi = s_hex (s[i + 1])) >= 0 && (lo = s_hex (s[i + 2])) >= 0) {
-            out[o++] = (char) (hi * 16 + lo);
-            i += 2;
-        }
-        else
-            out[o++] = s[i];
-    }
-    out[o] = 0;
-    return out;
-}
-
-/* JavaScript truthiness of a parameter value. */
-static bool
-s_truthy (const json_t *v)
-{
-    if (!v || json_is_null (v) || json_is_false (v))
-        return false;
-    if (json_is_string (v))
-        return json_string_length (v) > 0;
-    if (json_is_integer (v))
-        return json_integer_value (v) != 0;
-    if (json_is_real (v))
-        return json_real_value (v) != 0.0;
-    return true;
-}
-
-/* Set key unless a truthy value is already there; a repeated name within
- * one query string becomes an array of its values (as qs does). */
-static void
-s_param_set (json_t *params, const char *key, json_t *val, bool same_source)
-{
-    json_t *cur = json_object_get (params, key);
-    if (cur && same_source) {
-        if (json_is_array (cur))
-            json_array_append_new (cur, val);
-        else {
-            json_t *arr = json_array ();
-            json_array_append (arr, cur);
-            json_array_append_new (arr, val);
-            json_object_set_new (params, key, arr);
-        }
-        return;
-    }
-    if (cur && s_truthy (cur)) {
-        json_decref (val);
-        return;
-    }
-    json_object_set_new (params, key, val);
-}
-
-/* Parse a=b&c=d into params. */
-static void
-s_parse_form (json_t *params, const char *q, size_t len)
-{
-    json_t *seen = json_object ();      /* names set by this source */
-    size_t i = 0;
-    while (i < len) {
-        size_t j = i;
-        while (j < len && q[j] != '&')
-            j++;
-        if (j > i) {
-            const char *eq = memchr (q + i, '=', j - i);
-            size_t klen = eq ? (size_t) (eq - (q + i)) : j - i;
-            char *key = s_urldecode (q + i, klen);
-            char *val = eq ? s_urldecode (eq + 1, (size_t) (q + j - eq - 1)) : strdup ("");
-            if (*key) {
-                bool again = json_object_get (seen, key) != NULL;
-                s_param_set (params, key, json_string (val), again);
-                json_object_set_new (seen, key, json_true ());
-            }
-            free (key);
-            free (val);
-        }
-        i = j + 1;
-    }
-    json_decref (seen);
-}
-
-static bool
-s_ctype_is (const char *ctype, size_t len, const char *want)
-{
-    size_t n = strlen (want);
-    if (len < n || strncasecmp (ctype, want, n) != 0)
-        return false;
-    return len == n || ctype[n] == ';' || ctype[n] == ' ';
-}
-
-static bool
-s_ctype_json (const char *ctype, size_t len)
-{
-    if (!ctype)
-        return true;            /* no Content-Type: take the body as JSON */
-    if (s_ctype_is (ctype, len, "application/json"))
-        return true;
-    /* application/<something>+json */
-    size_t end = 0;
-    while (end < len && ctype[end] != ';')
-        end++;
-    while (end > 0 && ctype[end - 1] == ' ')
-        end--;
-    return end >= 5 && strncasecmp (ctype + end - 5, "+json", 5) == 0;
-}
-
-/* The request's parameters: query, then body. NULL with e set (400) when
- * the body is not acceptable JSON. The route's server_uuid is not included
- * (it wins over any other source, as in restify). */
-static json_t *
-s_params (const cn_msg_t *m, cn_apierr_t *e)
-{
-    json_t *params = json_object ();
-    size_t qlen = 0, blen = 0, clen = 0;
-    const char *q = cn_msg_str (m, "query", &qlen);
-    const char *body = cn_msg_str (m, "body", &blen);
-    const char *ctype = cn_msg_str (m, "ctype", &clen);
-    if (!params)
-        abort ();
-    if (q && qlen)
-        s_parse_form (params, q, qlen);
-
-    if (body && blen) {
-        if (s_ctype_json (ctype, clen)) {
-            json_error_t jerr;
-            json_t *b = json_loadb (body, blen, JSON_DECODE_ANY | JSON_ALLOW_NUL, &jerr);
-            if (!b) {
-                cn_apierr_set (e, 400, "InvalidContent", "Invalid JSON: %s", jerr.text);
-                json_decref (params);
-                return NULL;
-            }
-            if (!json_is_object (b)) {
-                cn_apierr_set (e, 400, "InvalidContent",
-                               "Invalid JSON: the body must be a JSON object");
-                json_decref (b);
-                json_decref (params);
-                return NULL;
-            }
-            const char *key;
-            json_t *val;
-            json_object_foreach (b, key, val)
-                s_param_set (params, key, json_incref (val), false);
-            json_decref (b);
-        }
-        else
-        if (s_ctype_is (ctype, clen, "application/x-www-form-urlencoded"))
-            s_parse_form (params, body, blen);
-        /* any other content type: the body is not parameters (restify) */
-    }
-    json_object_del (params, "server_uuid");
-    return params;
-}
-
-/* Strict endpoints: any name outside allowed -> 409 InvalidArgument. */
-static bool
-s_strict (const json_t *params, const char *const *allowed, cn_apierr_t *e)
-{
-    const char *key;
-    json_t *val;
-    json_object_foreach ((json_t *) params, key, val) {
-        bool ok = strcmp (key, "server_uuid") == 0;
-        for (size_t i = 0; !ok && allowed && allowed[i]; i++)
-            ok = strcmp (key, allowed[i]) == 0;
-        if (!ok) {
-            cn_apierr_set (e, 409, "InvalidArgument",
-                           "%s is not an explicitly defined parameter", key);
-            return false;
-        }
-    }
-    return true;
-}
+/* (cn_params_parse, cn_params_strict: lib/cn_params.c) */
 
 /* ------------------------------------------------------------------ */
 /* Loading one server: the Redis cache, then the store                  */
@@ -515,7 +325,7 @@ s_begin_server (backend_t *self, const cn_msg_t *m, rctx_t *c)
 {
     cn_apierr_t e;
     memset (&e, 0, sizeof e);
-    json_t *params = s_params (m, &e);
+    json_t *params = cn_params_parse (m, &e);
     if (!params) {
         s_reply_apierr (self, c->id, c->req_id, &e);
         cn_apierr_fini (&e);
@@ -585,7 +395,7 @@ s_op_server_get (backend_t *self, const cn_msg_t *m, rctx_t *c)
     json_t *rec = NULL;
     int64_t version = 0;
     if (s_load (self, c->uuid, &rec, &version, &e) != 0
-        || !s_strict (params, NULL, &e)) {
+        || !cn_params_strict (params, NULL, &e)) {
         s_reply_apierr (self, c->id, c->req_id, &e);
         cn_apierr_fini (&e);
         json_decref (params);
@@ -727,7 +537,7 @@ s_op_server_list (backend_t *self, const cn_msg_t *m, rctx_t *c)
 {
     cn_apierr_t e;
     memset (&e, 0, sizeof e);
-    json_t *params = s_params (m, &e);
+    json_t *params = cn_params_parse (m, &e);
     cn_server_query_t q;
     memset (&q, 0, sizeof q);
     if (!params || cn_server_list_query (params, &q, &e) != 0) {
@@ -856,7 +666,7 @@ s_op_server_delete (backend_t *self, const cn_msg_t *m, rctx_t *c)
     json_t *rec = NULL;
     int64_t version = 0;
     if (s_load (self, c->uuid, &rec, &version, &e) != 0
-        || !s_strict (params, NULL, &e)) {
+        || !cn_params_strict (params, NULL, &e)) {
         s_reply_apierr (self, c->id, c->req_id, &e);
         cn_apierr_fini (&e);
         json_decref (params);
@@ -895,7 +705,7 @@ s_op_server_sysinfo (backend_t *self, const cn_msg_t *m, rctx_t *c)
         return;
     cn_apierr_t e;
     memset (&e, 0, sizeof e);
-    if (!s_strict (params, allowed, &e)) {
+    if (!cn_params_strict (params, allowed, &e)) {
         s_reply_apierr (self, c->id, c->req_id, &e);
         cn_apierr_fini (&e);
         json_decref (params);
@@ -987,6 +797,9 @@ s_on_request (zloop_t *loop, zsock_t *sock, void *arg)
     else
     if (cn_msg_is (&m, "server_sysinfo"))
         s_op_server_sysinfo (self, &m, &c);
+    else
+    if (cn_backend_extra (&self->extra, &m, c.id, c.req_id))
+        ;
     else {
         CN_ERROR (self->component, "unknown gateway request type", "{s:s%}",
                   "type", m.type, m.type_len);
@@ -1115,6 +928,10 @@ s_start (backend_t *self, char *reason, size_t rlen)
     self->moray = cn_moray_new (self->cfg->pg_conninfo, self->cfg->pg_timeout_ms);
     self->redis = cn_redis_new (self->cfg->redis_url, self->cfg->redis_timeout_ms,
                                 self->component);
+    self->extra = (cn_bextra_t) {
+        .cfg = self->cfg, .rx = self->args->receiver, .moray = self->moray,
+        .redis = self->redis, .component = self->component,
+    };
     if (!self->moray || !self->redis) {
         snprintf (reason, rlen, "cannot allocate store or cache clients");
         return -1;

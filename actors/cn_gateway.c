@@ -69,7 +69,10 @@
 #include "cn_msg.h"
 #include "cn_redis.h"
 #include "cn_server.h"
+#include "cn_tasks.h"
+#include "cn_ur.h"
 #include "cn_util.h"
+#include "cn_waitlist.h"
 
 #define COMPONENT "gateway"
 #define CT_JSON "application/json"
@@ -94,9 +97,9 @@ enum { SVC_BACKEND, SVC_TASKS, SVC_UR, SVC_WAITLIST, SVC_COUNT };
 
 static const gw_service_t s_services[SVC_COUNT] = {
     [SVC_BACKEND] = { "backend", CN_BACKEND_ENDPOINT, NULL },   /* started apart */
-    [SVC_TASKS] = { "tasks", CN_TASKS_ENDPOINT, NULL },
-    [SVC_UR] = { "ur", CN_UR_ENDPOINT, NULL },
-    [SVC_WAITLIST] = { "waitlist", CN_WAITLIST_ENDPOINT, NULL },
+    [SVC_TASKS] = { "tasks", CN_TASKS_ENDPOINT, cn_tasks_actor },
+    [SVC_UR] = { "ur", CN_UR_ENDPOINT, cn_ur_actor },
+    [SVC_WAITLIST] = { "waitlist", CN_WAITLIST_ENDPOINT, cn_waitlist_actor },
 };
 
 typedef struct gw gw_t;
@@ -1520,8 +1523,12 @@ s_stop (gw_t *gw)
         pthread_join (gw->thread, NULL);
         gw->thread_running = false;
     }
-    /* 2. the sessions actor and what is left of the sessions (the h2o
-     * thread is gone: this thread may touch its objects now) */
+    /* 2. the services (the tasks actor sends to the hub's mailbox: it
+     * goes first), then the sessions actor and what is left of the
+     * sessions (the h2o thread is gone: this thread may touch its objects
+     * now) */
+    for (int k = 0; k < SVC_COUNT; k++)
+        zactor_destroy (&gw->svc_actor[k]);
     cn_hub_destroy (&gw->hub);
     /* the subscription */
     if (gw->sub_up) {
@@ -1687,6 +1694,10 @@ s_start (gw_t *gw, char *reason, size_t rlen)
         free (ok);
     }
 
+    /* the hub exists before the services (the tasks actor answers agents
+     * through its mailbox); it starts after them */
+    gw->hub = cn_hub_new (cfg, &gw->ctx, gw->live);
+
     /* the services in this build: a PUSH each (bound before the actor's
      * PULL connects), then the actor */
     for (int k = 0; k < SVC_COUNT; k++) {
@@ -1705,6 +1716,7 @@ s_start (gw_t *gw, char *reason, size_t rlen)
         gw->svc_push_handle[k] = zsock_resolve (gw->svc_push[k]);
         gw->svc_args[k] = (cn_backend_args_t) {
             .cfg = cfg, .receiver = &gw->reply_rx, .index = 0, .live = gw->live,
+            .hub = cn_hub_receiver (gw->hub), .boot_id = cn_hub_boot_id (gw->hub),
         };
         gw->svc_actor[k] = zactor_new (s_services[k].fn, &gw->svc_args[k]);
         if (!gw->svc_actor[k]) {
@@ -1725,7 +1737,6 @@ s_start (gw_t *gw, char *reason, size_t rlen)
 
     /* agent sessions: the hub lives in the h2o thread; its sessions actor
      * loads the status table now (bounded by the store's timeout) */
-    gw->hub = cn_hub_new (cfg, &gw->ctx, gw->live);
     if (cn_hub_start (gw->hub, reason, rlen) != 0)
         goto fail;
 

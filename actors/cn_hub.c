@@ -95,6 +95,8 @@ struct cn_hub {
     cn_liveness_t *live;
     zsock_t *push;
     void *push_handle;
+    zsock_t *tpush;             /* task frames to the tasks actor */
+    void *tpush_handle;
     h2o_multithread_receiver_t rx;
     bool rx_registered;
     h2o_timeout_t beat_to, dead_to, linger_to, flush_to;
@@ -421,6 +423,62 @@ s_forward (sess_t *s, const char *type, const void *payload, size_t len)
     s_push (s->hub, &w);
 }
 
+/* task_event / task_end (proto/tasks.md): checked here, written by the
+ * tasks actor, which answers task_ack through the mailbox (CN_HUB_SEND). */
+static void
+s_on_task_frame (sess_t *s, cn_msg_t *m, bool end, const void *payload, size_t len)
+{
+    const msgpack_object *id = cn_msg_get (m, "id");
+    if (!id || id->type != MSGPACK_OBJECT_STR || id->via.str.size == 0
+        || id->via.str.size > 64 || !s_is_uint (cn_msg_get (m, "seq"))
+        || !s_is_int (cn_msg_get (m, "time_ms"))) {
+        s_fail (s, CN_WS_CLOSE_PROTOCOL, end ? "task_end: id, seq or time_ms missing"
+                                             : "task_event: id, seq or time_ms missing");
+        return;
+    }
+    if (end) {
+        const msgpack_object *st = cn_msg_get (m, "status");
+        const msgpack_object *err = cn_msg_get (m, "error");
+        if (!s_str_eq (st, "complete") && !s_str_eq (st, "failure")) {
+            s_fail (s, CN_WS_CLOSE_PROTOCOL, "task_end: status must be complete or failure");
+            return;
+        }
+        if (err && err->type != MSGPACK_OBJECT_MAP && err->type != MSGPACK_OBJECT_NIL) {
+            s_fail (s, CN_WS_CLOSE_PROTOCOL, "task_end: error is not a map");
+            return;
+        }
+    }
+    else {
+        const msgpack_object *name = cn_msg_get (m, "name");
+        const msgpack_object *ev = cn_msg_get (m, "event");
+        if (!name || name->type != MSGPACK_OBJECT_STR || name->via.str.size == 0) {
+            s_fail (s, CN_WS_CLOSE_PROTOCOL, "task_event: name missing");
+            return;
+        }
+        if (ev && ev->type != MSGPACK_OBJECT_MAP && ev->type != MSGPACK_OBJECT_NIL) {
+            s_fail (s, CN_WS_CLOSE_PROTOCOL, "task_event: event is not a map");
+            return;
+        }
+    }
+    cn_msgw_t w;
+    cn_msgw_init (&w, "task_frame", 3);
+    cn_msgw_uint (&w, "sid", s->sid);
+    cn_msgw_str (&w, "uuid", s->uuid);
+    cn_msgw_key (&w, "frame");
+    msgpack_pack_bin (&w.pk, len);
+    msgpack_pack_bin_body (&w.pk, payload, len);
+    char *data = NULL;
+    size_t size = 0;
+    cn_msgw_take (&w, &data, &size);
+    if (!s->hub->tpush_handle || zmq_send (s->hub->tpush_handle, data, size, ZMQ_DONTWAIT) < 0) {
+        /* not acked: the agent sends it again after its next welcome */
+        atomic_fetch_add_explicit (&s->hub->stats.busy, 1, memory_order_relaxed);
+        CN_WARN (COMPONENT, "tasks actor queue full; task frame dropped", "{s:s}",
+                 "server_uuid", s->uuid);
+    }
+    free (data);
+}
+
 static void
 s_on_hello (sess_t *s, cn_msg_t *m, const void *payload, size_t len)
 {
@@ -507,6 +565,9 @@ s_on_message (sess_t *s, const uint8_t *payload, size_t len)
     else
     if (cn_msg_is (&m, "vm_event"))
         s_on_vm_event (s, &m, payload, len);
+    else
+    if (cn_msg_is (&m, "task_event") || cn_msg_is (&m, "task_end"))
+        s_on_task_frame (s, &m, cn_msg_is (&m, "task_end"), payload, len);
     else {
         snprintf (why, sizeof why, "unknown message type %.*s", (int) (m.type_len > 40 ? 40 : m.type_len),
                   m.type);
@@ -706,7 +767,7 @@ s_on_cmds (h2o_multithread_receiver_t *rx, h2o_linklist_t *messages)
         cn_hub_cmd_t *c = H2O_STRUCT_FROM_MEMBER (cn_hub_cmd_t, super.link, messages->next);
         h2o_linklist_unlink (&c->super.link);
         sess_t *s = c->kind == CN_HUB_WELCOME || c->kind == CN_HUB_CLOSE
-                    ? s_find (hub, c->sid) : NULL;
+                    || c->kind == CN_HUB_SEND ? s_find (hub, c->sid) : NULL;
         if (c->kind == CN_HUB_WELCOME && s && s->state == S_CLAIM) {
             s->epoch = c->epoch;
             s->state = S_OWNED;
@@ -730,8 +791,12 @@ s_on_cmds (h2o_multithread_receiver_t *rx, h2o_linklist_t *messages)
             s_close (s, c->code, c->reason);
         }
         else
+        if (c->kind == CN_HUB_SEND && s && s->state == S_OWNED && c->data)
+            s_send_frame (s, CN_WS_OP_BINARY, c->data, c->len);
+        else
         if (c->kind == CN_HUB_SNAPSHOT)
             s_snapshot (hub, c);
+        free (c->data);
         free (c);
     }
 }
@@ -863,6 +928,12 @@ cn_hub_receiver (cn_hub_t *hub)
     return &hub->rx;
 }
 
+const char *
+cn_hub_boot_id (const cn_hub_t *hub)
+{
+    return hub->boot_id;
+}
+
 /* ------------------------------------------------------------------ */
 /* Life cycle                                                           */
 
@@ -901,6 +972,20 @@ cn_hub_start (cn_hub_t *hub, char *reason, size_t rlen)
         return -1;
     }
     hub->push_handle = zsock_resolve (hub->push);
+    /* task frames: the tasks actor binds (when this build has one) */
+    hub->tpush = zsock_new (ZMQ_PUSH);
+    if (!hub->tpush) {
+        snprintf (reason, rlen, "cannot create the task frames socket");
+        return -1;
+    }
+    zsock_set_sndhwm (hub->tpush, 100000);
+    zsock_set_linger (hub->tpush, 0);
+    if (zsock_connect (hub->tpush, "%s", CN_TASKS_FRAMES_ENDPOINT) != 0) {
+        snprintf (reason, rlen, "connect %s: %s", CN_TASKS_FRAMES_ENDPOINT,
+                  zmq_strerror (zmq_errno ()));
+        return -1;
+    }
+    hub->tpush_handle = zsock_resolve (hub->tpush);
     h2o_multithread_register_receiver (hub->ctx->queue, &hub->rx, s_on_cmds);
     hub->rx_registered = true;
     h2o_timeout_init (hub->loop, &hub->beat_to, (uint64_t) cfg->session_heartbeat_ms);
@@ -944,11 +1029,15 @@ cn_hub_destroy (cn_hub_t **p)
     zactor_destroy (&hub->actor);
     zsock_destroy (&hub->push);
     hub->push_handle = NULL;
+    zsock_destroy (&hub->tpush);
+    hub->tpush_handle = NULL;
     if (hub->rx_registered) {
         while (!h2o_linklist_is_empty (&hub->rx._messages)) {
             h2o_linklist_t *l = hub->rx._messages.next;
             h2o_linklist_unlink (l);
-            free (H2O_STRUCT_FROM_MEMBER (cn_hub_cmd_t, super.link, l));
+            cn_hub_cmd_t *c = H2O_STRUCT_FROM_MEMBER (cn_hub_cmd_t, super.link, l);
+            free (c->data);
+            free (c);
         }
         h2o_multithread_unregister_receiver (hub->ctx->queue, &hub->rx);
         hub->rx_registered = false;

@@ -54,6 +54,7 @@
  * accepts and drops at once does not get hammered.
  */
 #include "cn_listener.h"
+#include "cn_vmevents.h"
 
 #include "cn_actor.h"
 #include "cn_amqp.h"
@@ -65,11 +66,14 @@
 #include "cn_util.h"
 
 #include <errno.h>
+#include <jansson.h>
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
-#define S_COMPONENT "listener"
+#define S_COMPONENT (self->vm ? "vmevents" : "listener")
+#define S_WHAT (self->vm ? "vm event" : "sysinfo")
 #define S_TIMEOUT_MS 3000         /* connect, login, each setup RPC, close */
 #define S_HEARTBEAT_S 10
 #define S_TICK_MS 1000            /* service AMQP (heartbeats) at least this often */
@@ -100,6 +104,8 @@ typedef struct {
 typedef struct {
     cn_amqp_url_t url;
     const char *queue;
+    bool vm;                  /* the VM events queue: private, bound per server */
+    char vm_queue[160];       /* its name (a fresh suffix per connection) */
     int prefetch;
     char name[128];
     char consumer_tag[128];
@@ -107,6 +113,9 @@ typedef struct {
 
 typedef struct {
     const cn_config_t *cfg;
+    bool vm;                  /* VM events mode (cn_vmevents_actor) */
+    zhashx_t *bound;          /* VM events: server uuids to bind */
+    uint64_t binds, unbinds, bind_failures;
     zsock_t *pipe;
     zsock_t *ctl;             /* REP, after START */
     zsock_t *writer;          /* DEALER to CN_WRITER_ENDPOINT, after START */
@@ -237,10 +246,14 @@ s_connector (zsock_t *pipe, void *argp)
     char err[256] = "";
     amqp_connection_state_t c = cn_amqp_connect (&a->url, S_TIMEOUT_MS, S_HEARTBEAT_S,
                                                  a->name, err, sizeof err);
-    if (c && (cn_amqp_queue_declare (c, a->queue, CN_AMQP_QUEUE_AUTO,
-                                     cn_amqp_sysinfo_keys, err, sizeof err) != 0
-              || cn_amqp_consume (c, a->queue, a->prefetch, a->consumer_tag,
-                                  err, sizeof err) != 0))
+    /* VM events: a private queue, bound per server by the actor once the
+     * connection is handed over */
+    if (c && (a->vm ? cn_amqp_queue_declare_private (c, a->vm_queue, err, sizeof err)
+                    : cn_amqp_queue_declare (c, a->queue, CN_AMQP_QUEUE_AUTO,
+                                             cn_amqp_sysinfo_keys, err, sizeof err)) != 0)
+        cn_amqp_destroy (&c);
+    if (c && cn_amqp_consume (c, a->vm ? a->vm_queue : a->queue, a->prefetch,
+                              a->consumer_tag, err, sizeof err) != 0)
         cn_amqp_destroy (&c);
     zsock_send (pipe, "ssp", c ? "OK" : "ERROR", err, (void *) c);
     bool owned = c != NULL;
@@ -263,6 +276,16 @@ static void
 s_start_connect (self_t *self)
 {
     assert (!self->connector && !self->conn);
+    if (self->vm) {
+        /* a fresh name per connection: the old exclusive queue may linger
+         * until the broker notices its connection is gone */
+        char id[37];
+        cn_uuid_new (id);
+        const char *inst = self->cfg->instance && *self->cfg->instance
+                           ? self->cfg->instance : "cnapid";
+        snprintf (self->args.vm_queue, sizeof self->args.vm_queue, "cnapi.vmevents.%s.%.8s",
+                  inst, id);
+    }
     self->connector = zactor_new (s_connector, &self->args);
     if (!self->connector) {
         /* Out of threads or fds: try again later rather than give up. */
@@ -315,10 +338,45 @@ s_drop (self_t *self, const char *reason)
     zhashx_purge (self->flights);
     self->requeue_pending = 0;
     s_reset_delivery (self);
-    cn_health_set ("amqp", false);
+    if (!self->vm)
+        cn_health_set ("amqp", false);
     if (up_ms >= S_STABLE_MS)
         self->attempt = 0;
     s_schedule_retry (self);
+}
+
+/* VM events: bind or unbind one server's events on our queue (a bounded
+ * RPC; deliveries that arrive meanwhile are queued by librabbitmq and read
+ * by the next service pass). false when the connection was dropped. */
+static bool
+s_bind (self_t *self, const char *uuid, bool bind)
+{
+    char key[80], err[256];
+    snprintf (key, sizeof key, "vm.event.%s.*", uuid);
+    if (cn_amqp_bind (self->conn, self->args.vm_queue, key, bind, err, sizeof err) != 0) {
+        self->bind_failures++;
+        s_drop (self, err);
+        return false;
+    }
+    if (bind)
+        self->binds++;
+    else
+        self->unbinds++;
+    return true;
+}
+
+/* VM events: a new connection binds every owned server. */
+static void
+s_bind_all (self_t *self)
+{
+    zlistx_t *keys = zhashx_keys (self->bound);
+    size_t n = 0;
+    for (const char *k = zlistx_first (keys); k && self->conn; k = zlistx_next (keys))
+        n += s_bind (self, k, true);
+    zlistx_destroy (&keys);
+    if (self->conn)
+        CN_INFO (S_COMPONENT, "servers bound", "{s:I,s:s}", "servers", (json_int_t) n,
+                 "queue", self->args.vm_queue);
 }
 
 /* The connector finished: take the connection or schedule another try. */
@@ -357,13 +415,17 @@ s_connector_done (self_t *self)
             self->reconnects++;
         self->ever_connected = true;
         s_reset_delivery (self);
-        cn_health_set ("amqp", true);
+        if (!self->vm)
+            cn_health_set ("amqp", true);
         CN_INFO (S_COMPONENT, "broker connected", "{s:s,s:i,s:s,s:s,s:i,s:i,s:i}",
                  "host", self->args.url.host, "port", self->args.url.port,
-                 "vhost", self->args.url.vhost, "queue", self->args.queue,
+                 "vhost", self->args.url.vhost,
+                 "queue", self->vm ? self->args.vm_queue : self->args.queue,
                  "prefetch", self->args.prefetch,
                  "heartbeat_s", amqp_get_heartbeat (self->conn),
                  "generation", (int) self->gen);
+        if (self->vm)
+            s_bind_all (self);
     }
     zstr_free (&status);
     zstr_free (&err);
@@ -408,11 +470,73 @@ s_reject (self_t *self, uint64_t dtag, bool requeue)
 static void
 s_reject_bad (self_t *self, const char *reason, const char *rk)
 {
-    CN_WARN (S_COMPONENT, "sysinfo rejected", "{s:s,s:s,s:I,s:b}",
+    CN_WARN (S_COMPONENT, self->vm ? "vm event rejected" : "sysinfo rejected", "{s:s,s:s,s:I,s:b}",
              "reason", reason, "routing_key", rk,
              "delivery_tag", (json_int_t) self->m_dtag,
              "redelivered", self->m_redelivered);
     s_reject (self, self->m_dtag, false);
+}
+
+static void s_hand_over (self_t *self, cn_msgw_t *w, uint64_t tag, const char *uuid,
+                         const char *rk);
+
+/* VM events: the body (docs/vm-events.md) checked and handed to the writer
+ * as a "vm_event" request (proto/writer.md); it applies only a newer seq,
+ * so the same event from the session and from here is applied once. */
+static void
+s_vm_delivery (self_t *self, const char *rk)
+{
+    json_error_t jerr;
+    json_t *ev = json_loadb (self->buf ? self->buf : "", self->m_size, 0, &jerr);
+    const char *why = NULL;
+    char uuid[37] = "", vm_uuid[37] = "", tmp[37];
+    const char *su = json_string_value (json_object_get (ev, "server_uuid"));
+    const char *vu = json_string_value (json_object_get (ev, "vm_uuid"));
+    const char *event = json_string_value (json_object_get (ev, "event"));
+    json_t *seq = json_object_get (ev, "seq");
+    json_t *vm = json_object_get (ev, "vm");
+    if (!ev)
+        why = "body is not JSON";
+    else if (!su || strlen (su) != 36 || !cn_uuid_normalize (memcpy (tmp, su, 37), uuid))
+        why = "server_uuid is missing or not a UUID";
+    else if (!vu || strlen (vu) != 36 || !cn_uuid_normalize (memcpy (tmp, vu, 37), vm_uuid))
+        why = "vm_uuid is missing or not a UUID";
+    else if (!event || (!streq (event, "create") && !streq (event, "state")
+                        && !streq (event, "update") && !streq (event, "destroy")))
+        why = "event is not create, state, update or destroy";
+    else if (!json_is_integer (seq) || json_integer_value (seq) < 0)
+        why = "seq is not a non-negative integer";
+    else if (!streq (event, "destroy") && !json_is_object (vm))
+        why = "vm is missing or not an object";
+    else {
+        char want[100];
+        snprintf (want, sizeof want, "vm.event.%s.%s", uuid, vm_uuid);
+        if (strcasecmp (want, rk) != 0)
+            why = "routing key does not match server_uuid and vm_uuid";
+    }
+    if (why) {
+        json_decref (ev);
+        s_reject_bad (self, why, rk);
+        return;
+    }
+    if (self->m_dtag == 0 || self->m_dtag > S_TAG_MASK) {
+        json_decref (ev);
+        s_drop (self, "delivery tag space exhausted");
+        return;
+    }
+    char *vm_text = json_is_object (vm) ? json_dumps (vm, JSON_COMPACT) : NULL;
+    uint64_t tag = (self->gen << S_TAG_BITS) | self->m_dtag;
+    cn_msgw_t w;
+    cn_msgw_init (&w, "vm_event", 6);
+    cn_msgw_uint (&w, "tag", tag);
+    cn_msgw_str (&w, "uuid", uuid);
+    cn_msgw_str (&w, "vm_uuid", vm_uuid);
+    cn_msgw_str (&w, "event", event);
+    cn_msgw_uint (&w, "seq", (uint64_t) json_integer_value (seq));
+    cn_msgw_str (&w, "vm", vm_text);
+    free (vm_text);
+    json_decref (ev);
+    s_hand_over (self, &w, tag, uuid, rk);
 }
 
 /* A whole delivery is in: check it and hand it to the writer. */
@@ -432,6 +556,10 @@ s_delivery (self_t *self)
 
     char uuid[37];
     char err[256];
+    if (self->vm && !self->m_oversize) {
+        s_vm_delivery (self, rk);
+        return;
+    }
     if (self->m_oversize) {
         snprintf (err, sizeof err, "message of %zu bytes is larger than amqp_max_message",
                   self->m_size);
@@ -462,10 +590,18 @@ s_delivery (self_t *self)
     cn_msgw_str (&w, "source", "amqp");
     if (self->m_have_sent)
         cn_msgw_int (&w, "sent_ms", self->m_sent_ms);
-    zframe_t *f = cn_msgw_frame (&w);
+    s_hand_over (self, &w, tag, uuid, rk);
+}
+
+/* Send a request for the delivery being read to the writer and remember it
+ * in flight (or requeue it when the writer's queue refuses it). */
+static void
+s_hand_over (self_t *self, cn_msgw_t *w, uint64_t tag, const char *uuid, const char *rk)
+{
+    zframe_t *f = cn_msgw_frame (w);
     if (!f || zframe_send (&f, self->writer, ZFRAME_DONTWAIT) != 0) {
         zframe_destroy (&f);
-        CN_ERROR (S_COMPONENT, "cannot hand sysinfo to the writer", "{s:s,s:s}",
+        CN_ERROR (S_COMPONENT, "cannot hand a message to the writer", "{s:s,s:s}",
                   "error", zmq_strerror (errno), "routing_key", rk);
         s_reject (self, self->m_dtag, true);
         return;
@@ -475,14 +611,14 @@ s_delivery (self_t *self)
     fl->dtag = self->m_dtag;
     fl->redelivered = self->m_redelivered;
     memcpy (fl->uuid, uuid, sizeof fl->uuid);
-    memcpy (fl->rk, rk, sizeof fl->rk);
+    snprintf (fl->rk, sizeof fl->rk, "%s", rk);
     int rc = zhashx_insert (self->flights, S_KEY (tag), fl);
     if (rc != 0) {
         /* The broker never repeats a delivery tag on a channel. */
         CN_FATAL (S_COMPONENT, "duplicate delivery tag", "{s:I}", "tag", (json_int_t) tag);
         abort ();
     }
-    CN_TRACE (S_COMPONENT, "sysinfo handed to writer", "{s:s,s:I,s:b}",
+    CN_TRACE (S_COMPONENT, "handed to writer", "{s:s,s:I,s:b}",
               "server_uuid", uuid, "delivery_tag", (json_int_t) self->m_dtag,
               "redelivered", self->m_redelivered);
 }
@@ -718,7 +854,11 @@ s_result (self_t *self, const void *data, size_t size)
         char *code = cn_msg_strdup (&m, "code");
         char *message = cn_msg_strdup (&m, "message");
         char *outcome = cn_msg_strdup (&m, "outcome");
-        CN_WARN (S_COMPONENT, "sysinfo rejected", "{s:s,s:s,s:s?,s:s?,s:s?,s:I}",
+        /* a VM event for a server without a record (no sysinfo yet) is
+         * normal at first boot: the session keeps that state */
+        int lvl = self->vm && code && streq (code, "ResourceNotFound") ? CN_LOG_DEBUG : CN_LOG_WARN;
+        cn_log (lvl, S_COMPONENT, self->vm ? "vm event rejected" : "sysinfo rejected",
+                 "{s:s,s:s,s:s?,s:s?,s:s?,s:I}",
                  "server_uuid", fl->uuid, "routing_key", fl->rk, "outcome", outcome,
                  "code", code, "message", message, "delivery_tag", (json_int_t) fl->dtag);
         free (code);
@@ -734,7 +874,7 @@ s_result (self_t *self, const void *data, size_t size)
             self->retry_attempt++;
         fl->requeue_at_us = cn_mono_us () + 1000LL * ms;
         self->requeue_pending++;
-        CN_WARN (S_COMPONENT, "writer asked to retry sysinfo", "{s:s,s:I,s:i}",
+        CN_WARN (S_COMPONENT, self->vm ? "writer asked to retry a vm event" : "writer asked to retry sysinfo", "{s:s,s:I,s:i}",
                  "server_uuid", fl->uuid, "delivery_tag", (json_int_t) fl->dtag,
                  "requeue_ms", ms);
     }
@@ -795,8 +935,8 @@ s_status (self_t *self)
 {
     const char *state = self->state == S_CONNECTED ? "running" : s_conn_name (self->state);
     cn_msgw_t w;
-    cn_msgw_init (&w, "status", 16);
-    cn_msgw_str (&w, "actor", "listener");
+    cn_msgw_init (&w, "status", self->vm ? 19 : 16);
+    cn_msgw_str (&w, "actor", S_COMPONENT);
     cn_msgw_str (&w, "state", state);
     cn_msgw_str (&w, "connection", s_conn_name (self->state));
     cn_msgw_uint (&w, "received", self->received);
@@ -808,7 +948,12 @@ s_status (self_t *self)
     cn_msgw_uint (&w, "redelivered", self->redelivered);
     cn_msgw_uint (&w, "voided", self->voided);
     cn_msgw_str (&w, "last_error", self->last_error[0] ? self->last_error : NULL);
-    cn_msgw_str (&w, "queue", self->cfg->amqp_queue);
+    cn_msgw_str (&w, "queue", self->vm ? self->args.vm_queue : self->cfg->amqp_queue);
+    if (self->vm) {
+        cn_msgw_uint (&w, "bound", zhashx_size (self->bound));
+        cn_msgw_uint (&w, "binds", self->binds);
+        cn_msgw_uint (&w, "unbinds", self->unbinds);
+    }
     cn_msgw_int (&w, "prefetch", self->args.prefetch);
     cn_msgw_uint (&w, "generation", self->gen);
     if (self->args.url.host) {
@@ -840,8 +985,10 @@ s_start (self_t *self, char *err, size_t errlen)
     self->args.prefetch = cfg->amqp_prefetch < 1 ? 1
         : cfg->amqp_prefetch > 65535 ? 65535 : cfg->amqp_prefetch;
     const char *inst = cfg->instance && *cfg->instance ? cfg->instance : "cnapid";
-    snprintf (self->args.name, sizeof self->args.name, "cnapid %s listener", inst);
-    snprintf (self->args.consumer_tag, sizeof self->args.consumer_tag, "cnapid-%s", inst);
+    self->args.vm = self->vm;
+    snprintf (self->args.name, sizeof self->args.name, "cnapid %s %s", inst, S_COMPONENT);
+    snprintf (self->args.consumer_tag, sizeof self->args.consumer_tag, "cnapid-%s%s", inst,
+              self->vm ? "-vmevents" : "");
 
     self->writer = zsock_new (ZMQ_DEALER);
     if (!self->writer) {
@@ -857,14 +1004,15 @@ s_start (self_t *self, char *err, size_t errlen)
         cn_amqp_url_fini (&self->args.url);
         return "cannot connect to the writer";
     }
-    self->ctl = cn_ctl_bind ("listener");
+    self->ctl = cn_ctl_bind (S_COMPONENT);
     if (!self->ctl) {
         zsock_destroy (&self->writer);
         cn_amqp_url_fini (&self->args.url);
         return "cannot bind the control socket";
     }
     self->started = true;
-    cn_health_set ("amqp", false);
+    if (!self->vm)
+        cn_health_set ("amqp", false);
     s_start_connect (self);
     return NULL;
 }
@@ -888,7 +1036,7 @@ s_pipe_command (self_t *self)
         char buf[320];
         const char *err = s_start (self, buf, sizeof buf);
         if (err) {
-            CN_ERROR (S_COMPONENT, "listener failed to start", "{s:s}", "error", err);
+            CN_ERROR (S_COMPONENT, "failed to start", "{s:s}", "error", err);
             zstr_sendx (self->pipe, "ERROR", err, NULL);
         }
         else
@@ -897,6 +1045,21 @@ s_pipe_command (self_t *self)
     else if (streq (cmd, "STATUS")) {
         zframe_t *f = s_status (self);
         zframe_send (&f, self->pipe, 0);
+    }
+    else if (self->vm && (streq (cmd, "BIND") || streq (cmd, "UNBIND"))) {
+        char *uuid = zmsg_popstr (msg);
+        bool bind = streq (cmd, "BIND");
+        if (uuid && strlen (uuid) == 36) {
+            bool had = zhashx_lookup (self->bound, uuid) != NULL;
+            if (bind && !had)
+                zhashx_insert (self->bound, uuid, (void *) 1);
+            else if (!bind && had)
+                zhashx_delete (self->bound, uuid);
+            /* while not connected, the next connection binds the set */
+            if (bind != had && self->conn)
+                (void) s_bind (self, uuid, bind);
+        }
+        zstr_free (&uuid);
     }
     else
         CN_WARN (S_COMPONENT, "unknown pipe command ignored", "{s:s}", "command", cmd);
@@ -941,11 +1104,31 @@ s_poll_timeout_ms (self_t *self, int64_t now_us)
     return (long) ((until - now_us + 999) / 1000);
 }
 
+static void s_run (self_t *self);
+
 void
 cn_listener_actor (zsock_t *pipe, void *args)
 {
     self_t *self = s_new (pipe, (const cn_config_t *) args);
     zsock_signal (pipe, 0);
+    s_run (self);
+}
+
+void
+cn_vmevents_actor (zsock_t *pipe, void *args)
+{
+    self_t *self = s_new (pipe, ((const cn_vmevents_args_t *) args)->cfg);
+    self->vm = true;
+    self->bound = zhashx_new ();
+    assert (self->bound);
+    zsock_signal (pipe, 0);
+    s_run (self);
+}
+
+static void
+s_run (self_t *self)
+{
+    zsock_t *pipe = self->pipe;
 
     while (!self->terminated) {
         zmq_pollitem_t items[5];
@@ -1006,9 +1189,10 @@ cn_listener_actor (zsock_t *pipe, void *args)
                  "in_flight", (json_int_t) zhashx_size (self->flights));
         cn_amqp_close (&self->conn);
     }
-    if (self->started)
+    if (self->started && !self->vm)
         cn_health_set ("amqp", false);
     zhashx_destroy (&self->flights);
+    zhashx_destroy (&self->bound);
     zsock_destroy (&self->ctl);
     zsock_destroy (&self->writer);
     cn_amqp_url_fini (&self->args.url);

@@ -17,8 +17,11 @@
  *   - counters (connects, reconnects, failovers, ...) readable from any thread.
  *
  * One HTTP listener (optional) serves the agent endpoint for every CN of the
- * set, routed by the x-server-uuid header: GET /health, and the VM
- * operations of the dummy backend (docs/agent.md). Tasks come later.
+ * set, routed by the x-server-uuid header: GET /health, the VM operations
+ * of the dummy backend, and the task API of proto/tasks.md (POST /tasks,
+ * GET /tasks/:id, GET /history, POST /pause, /resume; lib/cn_agent_tasks.c):
+ * tasks run on the CN's dummy backend and report task_event / task_end on
+ * the session from an outbox kept until the instance acknowledges them.
  *
  *   cn_agents_cfg_t cfg;
  *   cn_agents_cfg_defaults (&cfg);
@@ -117,6 +120,11 @@ typedef struct {
     int sysinfo_interval_s;       /* 60 */
     /* VM backend */
     cn_vmdummy_delays_t delays;
+    /* tasks (proto/tasks.md) */
+    int tasks_max;                /* task records kept per CN (1000): the oldest ended and
+                                     acknowledged go first; when none can go, POST /tasks
+                                     answers 503 "outbox full" */
+    int task_timeout_ms;          /* a task not ended by then fails "Timeout" (600000) */
     /* threads and the agent endpoint */
     int threads;                  /* 1 */
     const char *listen;           /* "addr:port"; NULL: no listener */

@@ -73,6 +73,15 @@ int cn_amqp_queue_declare (amqp_connection_state_t c, const char *queue,
                            cn_amqp_qtype_t type, const char *const *keys,
                            char *err, size_t errlen);
 
+/* Declare a private queue: not durable, exclusive to this connection,
+ * deleted with it (the VM events queue of one instance). 0, or -1. */
+int cn_amqp_queue_declare_private (amqp_connection_state_t c, const char *queue,
+                                   char *err, size_t errlen);
+/* queue.bind / queue.unbind of queue on CN_AMQP_EXCHANGE with key. 0, or -1
+ * with err filled (the channel may then be closed: drop the connection). */
+int cn_amqp_bind (amqp_connection_state_t c, const char *queue, const char *key, bool bind,
+                  char *err, size_t errlen);
+
 /* basic.qos (per-consumer prefetch) and basic.consume with manual acks.
  * 0, or -1 with err filled. */
 int cn_amqp_consume (amqp_connection_state_t c, const char *queue, int prefetch,

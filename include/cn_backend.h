@@ -39,6 +39,10 @@ typedef struct {
     h2o_multithread_receiver_t *receiver;   /* the gateway's reply queue */
     int index;                              /* 0..backend_threads-1, for logs */
     const cn_liveness_t *live;              /* the status table (may be NULL) */
+    /* services only (actors/cn_gateway.c s_services): the session hub's
+     * mailbox (include/cn_hub.h, CN_HUB_SEND) and this instance's boot id */
+    h2o_multithread_receiver_t *hub;
+    const char *boot_id;
 } cn_backend_args_t;
 
 /* One answer to one gateway request. */

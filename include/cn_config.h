@@ -47,6 +47,12 @@ typedef struct {
                                      after this, unless their agents came back */
     int   session_close_grace_ms; /* 500: a closed session is released after this,
                                      unless its agent is back (quick retry) */
+
+    /* tasks (proto/tasks.md) */
+    int   tasks_per_agent;        /* 8: requests in flight per agent */
+    int   tasks_agent_timeout_ms; /* 10000: connect + answer bound per request */
+    int   tasks_sweep_ms;         /* 5000: look for orphaned active tasks */
+    int   tasks_max_age_s;        /* 3600: an active task older than this is checked */
 } cn_config_t;
 
 /* Load path (NULL: defaults only), then apply CNAPI_* overrides.

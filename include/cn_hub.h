@@ -39,13 +39,18 @@
 #include "cn_liveness.h"
 
 #define CN_SESSIONS_ENDPOINT "inproc://cnapi-sessions"
+/* task_event / task_end frames for the tasks actor (proto/tasks.md): the
+ * tasks actor binds a PULL here, the hub connects a PUSH; one msgpack frame
+ * {type: "task_frame", sid, uuid, frame: bin} per agent frame */
+#define CN_TASKS_FRAMES_ENDPOINT "inproc://cnapi-tasks-frames"
 
 /* Commands from the sessions actor to the hub (the sessions' mailbox). */
 enum {
     CN_HUB_WELCOME = 1,       /* sid owns its server at epoch: send welcome */
     CN_HUB_CLOSE,             /* send goaway (when set), then close with code */
     CN_HUB_SNAPSHOT,          /* push a "sessions" page (offset, limit) */
-    CN_HUB_WAKE               /* nothing: wakes the loop (shutdown) */
+    CN_HUB_WAKE,              /* nothing: wakes the loop (shutdown) */
+    CN_HUB_SEND               /* send data (a msgpack message) on session sid */
 };
 
 typedef struct {
@@ -58,6 +63,8 @@ typedef struct {
     char goaway[16];          /* CLOSE: goaway reason ("" = no goaway) */
     uint64_t req;             /* SNAPSHOT: request id to echo */
     uint64_t offset, limit;   /* SNAPSHOT: page */
+    char *data;               /* SEND: malloc'd message bytes (the hub frees) */
+    size_t len;               /* SEND: their length */
 } cn_hub_cmd_t;
 
 /* Counters the hub (h2o thread) keeps and the sessions actor reports. */
@@ -98,7 +105,10 @@ size_t cn_hub_count (cn_hub_t *hub);
  * shutdown). */
 bool cn_hub_is_session (cn_hub_t *hub, h2o_socket_t *sock);
 
-/* The hub's mailbox: the sessions actor sends commands here. */
+/* The hub's mailbox: the sessions actor sends commands here (and the
+ * tasks actor its CN_HUB_SEND task_acks). */
 h2o_multithread_receiver_t *cn_hub_receiver (cn_hub_t *hub);
+/* This instance's boot id (drawn by cn_hub_new). */
+const char *cn_hub_boot_id (const cn_hub_t *hub);
 
 #endif

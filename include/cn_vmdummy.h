@@ -24,6 +24,7 @@
  *   reboot   running -> stopping ... running    events state, state
  *   destroy  any ... gone                       event destroy
  *   update   at once (ram, quota, alias, owner_uuid, image_uuid, other keys)  event update
+ *   kill     running/stopping -> stopped at once                              event state
  * An operation on a VM with a transition pending fails ("busy").
  */
 #ifndef CN_VMDUMMY_H
@@ -119,6 +120,9 @@ int cn_vmdummy_create (cn_vmdummy_t *b, const json_t *params, int64_t now_ms,
 int cn_vmdummy_start (cn_vmdummy_t *b, const char *uuid, int64_t now_ms, char *err, size_t errlen);
 int cn_vmdummy_stop (cn_vmdummy_t *b, const char *uuid, int64_t now_ms, char *err, size_t errlen);
 int cn_vmdummy_reboot (cn_vmdummy_t *b, const char *uuid, int64_t now_ms, char *err, size_t errlen);
+/* Stop at once (vmadm kill): a running or stopping VM is stopped now, a
+ * pending stop or reboot is dropped; one event (state). */
+int cn_vmdummy_kill (cn_vmdummy_t *b, const char *uuid, int64_t now_ms, char *err, size_t errlen);
 int cn_vmdummy_destroy_vm (cn_vmdummy_t *b, const char *uuid, int64_t now_ms,
                            char *err, size_t errlen);
 /* changes: {ram?, quota?, alias?, owner_uuid?, image_uuid?, brand?, other keys

@@ -8,8 +8,12 @@
  *   zstr_sendx (v, "BIND", server_uuid, NULL);         // no reply
  *   zstr_sendx (v, "UNBIND", server_uuid, NULL);       // no reply
  *
- * One AMQP connection, one exclusive auto-delete queue
- * cnapi.vmevents.<instance> bound on amq.topic to vm.event.<server_uuid>.*
+ * Implemented by the sysinfo listener's code in its VM events mode
+ * (actors/cn_listener.c): the same connection handling, frame assembly,
+ * writer hand-off and acks. One AMQP connection, one exclusive auto-delete
+ * queue cnapi.vmevents.<instance>.<8 hex> (a fresh suffix per connection, so
+ * a reconnect never trips over the old queue before the broker dropped it)
+ * bound on amq.topic to vm.event.<server_uuid>.*
  * for every owned server (docs/vm-events.md has the routing scheme). Each
  * event body {server_uuid, vm_uuid, event, seq, time_ms, vm} becomes a
  * "vm_event" request to the state writer (proto/writer.md), and the message

@@ -162,6 +162,8 @@ cn_agents_cfg_defaults (cn_agents_cfg_t *c)
     c->sysinfo_interval_s = 60;
     c->threads = 1;
     c->session_log_level = CN_LOG_INFO;
+    c->tasks_max = 1000;
+    c->task_timeout_ms = 600000;
 }
 
 static uint64_t
@@ -285,6 +287,18 @@ s_timer_start (aloop_t *l, atimer_t *t, int64_t delay_ms)
     l->heap[l->hn] = t;
     t->pos = ++l->hn;
     s_heap_up (l, l->hn - 1);
+}
+
+void
+cn_agent_timer_start (aloop_t *l, atimer_t *t, int64_t delay_ms)
+{
+    s_timer_start (l, t, delay_ms);
+}
+
+void
+cn_agent_timer_stop (aloop_t *l, atimer_t *t)
+{
+    s_timer_stop (l, t);
 }
 
 static void
@@ -564,6 +578,8 @@ s_on_welcome (acn_t *cn, const cn_msg_t *m)
     SLOG (cn, "session established", "s:s,s:s%,s:I,s:b,s:I", "address", addr, "instance", inst,
           ilen, "epoch", (json_int_t) epoch, "failover", failover,
           "attempts", (json_int_t) atomic_load (&cn->attempts));
+    /* proto/tasks.md: every unacknowledged task frame again, in order */
+    cn_agent_tasks_welcome (cn);
 }
 
 static void
@@ -586,6 +602,14 @@ s_on_ws_message (cn_wsc_t *ws, int opcode, const uint8_t *data, size_t len, void
             s_protocol_close (cn, 1008, "unexpected welcome");
         else
             s_on_welcome (cn, &m);
+    }
+    else if (cn_msg_is (&m, "task_ack")) {
+        size_t il = 0;
+        uint64_t seq = 0;
+        const char *id = cn_msg_str (&m, "id", &il);
+        if (!id || !cn_msg_uint (&m, "seq", &seq)
+            || cn_agent_tasks_ack (cn, id, il, seq) != 0)
+            s_protocol_close (cn, 1002, "task_ack without a task id or seq");
     }
     else if (cn_msg_is (&m, "hb")) {
         /* proof of life only (on_rx already counted it) */
@@ -813,6 +837,15 @@ s_on_vm_event (const cn_vm_t *vm, cn_vm_event_t ev, int64_t time_ms, void *arg)
         }
         s_send_msg (cn, &w);
     }
+    cn_agent_tasks_vm_event (cn, vm, ev, time_ms);
+}
+
+static void s_vm_sched (acn_t *cn);
+
+void
+cn_agent_vm_sched (acn_t *cn)
+{
+    s_vm_sched (cn);
 }
 
 static void
@@ -833,17 +866,18 @@ s_on_vm_timer (atimer_t *t)
     s_vm_sched (cn);
 }
 
-static void
-s_publish_sysinfo (acn_t *cn, bool startup)
+/* force: publish even when nothing changed (a server_sysinfo task). */
+static bool
+s_publish_sysinfo_x (acn_t *cn, bool startup, bool force)
 {
     cn_agents_t *a = cn->a;
     if (!a->pub || !cn->sysinfo)
-        return;
+        return false;
     size_t len = 0;
     bool setup = false;
     char *text = cn->sysinfo (cn->sysinfo_arg, cn->index, &len, &setup);
     if (!text)
-        return;
+        return false;
     uint32_t crc = cn_crc32 (text, len);
     bool changed = !cn->sysinfo_have || crc != cn->sysinfo_crc;
     cn->sysinfo_crc = crc;
@@ -851,16 +885,37 @@ s_publish_sysinfo (acn_t *cn, bool startup)
     char rk[128];
     if (startup)
         snprintf (rk, sizeof rk, "ur.startup.%s", cn->uuid);
-    else if (changed || !setup)
+    else if (changed || !setup || force)
         snprintf (rk, sizeof rk, "ur.sysinfo.%s.%llu", cn->uuid,
                   (unsigned long long) ++cn->sysinfo_n);
     else {
         free (text);
-        return;
+        return true;
     }
     cn_publisher_send (a->pub, rk, text, len, cn_now_ms ());
     s_count (&cn->sysinfo_sent);
     free (text);
+    return true;
+}
+
+static void
+s_publish_sysinfo (acn_t *cn, bool startup)
+{
+    s_publish_sysinfo_x (cn, startup, false);
+}
+
+int
+cn_agent_sysinfo_now (acn_t *cn, char *err, size_t errlen)
+{
+    if (!cn->a->pub) {
+        snprintf (err, errlen, "this agent publishes nothing (no AMQP URL)");
+        return -1;
+    }
+    if (!s_publish_sysinfo_x (cn, false, true)) {
+        snprintf (err, errlen, "no sysinfo to publish");
+        return -1;
+    }
+    return 0;
 }
 
 static void
@@ -1051,6 +1106,7 @@ s_stop_loop (aloop_t *l, int grace_ms)
         s_unlink (&cn->sysinfo_tmo);
         s_drop_ws (cn, 1000, "agent stopping");
         s_set_state (cn, CN_SESS_STOPPED);
+        cn_agent_tasks_stop (cn);
     }
     if (l->http)
         cn_agent_http_shutdown (l->http);
@@ -1086,6 +1142,14 @@ s_on_msgs (h2o_multithread_receiver_t *rx, h2o_linklist_t *messages)
             cn_agent_post (m->home, m);
             continue;           /* m is the reply now */
         }
+        case AM_TASK:
+            /* proto/tasks.md: on the CN's loop; the answer goes home now or later */
+            if (cn_agent_tasks_msg (m->cn, m)) {
+                m->kind = AM_VMOP_REPLY;
+                cn_agent_post (m->home, m);
+                continue;
+            }
+            break;
         case AM_VMOP_REPLY:
             if (l->http)
                 cn_agent_http_reply (l->http, m);
@@ -1548,6 +1612,7 @@ cn_agents_destroy (cn_agents_t **p)
     cn_agents_stop (a, 0);
     for (size_t i = 0; i < a->ncns; i++) {
         acn_t *cn = a->cns[i];
+        cn_agent_tasks_free (cn);
         cn_vmdummy_destroy (&cn->vms);
         free (cn->admin_ip);
         free (cn);

@@ -9,7 +9,13 @@
  *   POST   /vms/:uuid         update (JSON body)
  *   DELETE /vms/:uuid         destroy
  *   POST   /vms/:uuid/start|stop|reboot
- *   *      /tasks...          501 (tasks come in a later issue)
+ *   POST   /tasks             {task, params} (proto/tasks.md; lib/cn_agent_tasks.c):
+ *                             202 {id} with x-cnapi-task-id, else held until the end
+ *   GET    /tasks/:id         the agent's view of a task
+ *   GET    /history           the last 100 tasks, newest first
+ *   POST   /pause, /resume    204
+ * The task routes answer 409 when x-server-uuid is not one of our CNs (it
+ * may be left out when the set has one CN).
  *
  * A CN is only touched by its own loop thread: when it lives on another loop
  * the operation travels there as a message and the answer comes back as
@@ -65,6 +71,14 @@ static h2o_generator_t s_generator = { NULL, NULL };
 static void
 s_respond (h2o_req_t *req, int status, json_t *body)
 {
+    if (status == 204) {
+        json_decref (body);
+        req->res.status = 204;
+        req->res.reason = "No Content";
+        h2o_start_response (req, &s_generator);
+        h2o_send (req, NULL, 0, H2O_SEND_STATE_FINAL);
+        return;
+    }
     char *text = body ? json_dumps (body, JSON_COMPACT) : NULL;
     json_decref (body);
     if (!text)
@@ -151,6 +165,153 @@ s_set_health (cn_agent_http_t *h, h2o_req_t *req)
                                     "agent", a->cfg.agent));
 }
 
+/* Hand a task request to the CN's loop (even when that is this loop: the
+ * answer may come much later, by id, like any other). */
+static void
+s_forward (cn_agent_http_t *h, h2o_req_t *req, acn_t *cn, amsg_t *m)
+{
+    pend_t *pd = h2o_mem_alloc_shared (&req->pool, sizeof *pd, s_pend_dispose);
+    memset (pd, 0, sizeof *pd);
+    pd->h = h;
+    pd->req = req;
+    pd->id = ++h->next_id;
+    size_t b = pd->id & (S_PENDING_BUCKETS - 1);
+    pd->next = h->table[b];
+    h->table[b] = pd;
+    pd->in_table = true;
+    m->kind = AM_TASK;
+    m->home = h->l;
+    m->req_id = pd->id;
+    m->cn = cn;
+    if (!cn_agent_post (cn->loop, m)) {
+        s_pend_remove (pd);
+        s_error (req, 503, "ServiceUnavailable", "the agent is stopping");
+    }
+}
+
+static void
+s_task_error (h2o_req_t *req, int status, const char *code, const char *msg)
+{
+    s_respond (req, status, json_pack ("{s:s,s:s,s:s}", "error", msg, "code", code,
+                                       "message", msg));
+}
+
+static bool
+s_header (h2o_req_t *req, const char *name, char *out, size_t outlen)
+{
+    ssize_t i = h2o_find_header_by_str (&req->headers, name, strlen (name), -1);
+    if (i < 0)
+        return false;
+    h2o_iovec_t v = req->headers.entries[i].value;
+    snprintf (out, outlen, "%.*s", (int) v.len, v.base);
+    return true;
+}
+
+/* /tasks, /tasks/:id, /history, /pause, /resume */
+static void
+s_on_task_req (cn_agent_http_t *h, h2o_req_t *req, h2o_iovec_t path)
+{
+    cn_agents_t *a = h->l->a;
+    top_kind_t top;
+    char id[37] = "";
+    if (s_path_is (path, "/tasks") || s_path_is (path, "/tasks/")) {
+        if (!s_method (req, "POST")) {
+            s_task_error (req, 405, "BadMethod", "POST");
+            return;
+        }
+        top = TOP_POST;
+    }
+    else if (path.len > 7 && memcmp (path.base, "/tasks/", 7) == 0) {
+        char raw[64];
+        snprintf (raw, sizeof raw, "%.*s", (int) (path.len - 7), path.base + 7);
+        if (!s_method (req, "GET") && !s_method (req, "HEAD")) {
+            s_task_error (req, 405, "BadMethod", "GET");
+            return;
+        }
+        if (path.len - 7 != 36 || !cn_uuid_normalize (raw, id)) {
+            s_task_error (req, 404, "ResourceNotFound", "no such task");
+            return;
+        }
+        top = TOP_GET;
+    }
+    else if (s_path_is (path, "/history")) {
+        if (!s_method (req, "GET") && !s_method (req, "HEAD")) {
+            s_task_error (req, 405, "BadMethod", "GET");
+            return;
+        }
+        top = TOP_HISTORY;
+    }
+    else {
+        if (!s_method (req, "POST")) {
+            s_task_error (req, 405, "BadMethod", "POST");
+            return;
+        }
+        top = s_path_is (path, "/pause") ? TOP_PAUSE : TOP_RESUME;
+    }
+
+    char su[64];
+    acn_t *cn = NULL;
+    if (s_header (req, "x-server-uuid", su, sizeof su))
+        cn = cn_agent_lookup (a, su, strlen (su));
+    else if (a->ncns == 1)
+        cn = a->cns[0];
+    if (!cn) {
+        s_task_error (req, 409, "InvalidArgument",
+                      "x-server-uuid is not one of this agent's servers");
+        return;
+    }
+
+    amsg_t *m = calloc (1, sizeof *m);
+    if (!m)
+        abort ();
+    m->top = top;
+    memcpy (m->task_id, id, sizeof id);
+    s_header (req, "x-request-id", m->xreq, sizeof m->xreq);
+    if (top == TOP_POST) {
+        char tid[64];
+        if (s_header (req, "x-cnapi-task-id", tid, sizeof tid)
+            && !cn_uuid_normalize (tid, m->task_id)) {
+            free (m);
+            s_task_error (req, 400, "InvalidArgument", "x-cnapi-task-id is not a UUID");
+            return;
+        }
+        json_error_t jerr;
+        json_t *body = req->entity.base && req->entity.len
+            ? json_loadb (req->entity.base, req->entity.len, 0, &jerr) : NULL;
+        const char *why = NULL;
+        const json_t *params = json_object_get (body, "params");
+        tkind_t kind = TK_NONE;
+        if (!json_is_object (body))
+            why = "the body must be a JSON object {task, params}";
+        else if (!json_is_string (json_object_get (body, "task")))
+            why = "task must be a string";
+        else if (params && !json_is_object (params))
+            why = "params must be an object";
+        else if ((kind = cn_agent_task_kind (json_string_value (json_object_get (body, "task"))))
+                 == TK_NONE) {
+            json_decref (body);
+            free (m);
+            s_task_error (req, 404, "ResourceNotFound", "unknown task");
+            return;
+        }
+        else {
+            const json_t *u = json_object_get (params, "uuid");
+            char vm[37];
+            bool need = kind != TK_CREATE && kind != TK_SYSINFO;
+            if ((u || need) && (!json_is_string (u) || !cn_uuid_normalize (json_string_value (u), vm)))
+                why = "params.uuid must be a VM UUID";
+        }
+        if (why) {
+            json_decref (body);
+            free (m);
+            s_task_error (req, 400, "InvalidContent", why);
+            return;
+        }
+        m->params = body;
+    }
+    s_forward (h, req, cn, m);
+}
+
 static int
 s_on_req (h2o_handler_t *self, h2o_req_t *req)
 {
@@ -169,9 +330,11 @@ s_on_req (h2o_handler_t *self, h2o_req_t *req)
             return 0;
         }
     }
-    else if (path.len >= 6 && memcmp (path.base, "/tasks", 6) == 0
-             && (path.len == 6 || path.base[6] == '/')) {
-        s_error (req, 501, "NotImplemented", "tasks are not implemented yet");
+    else if ((path.len >= 6 && memcmp (path.base, "/tasks", 6) == 0
+              && (path.len == 6 || path.base[6] == '/'))
+             || s_path_is (path, "/history") || s_path_is (path, "/pause")
+             || s_path_is (path, "/resume")) {
+        s_on_task_req (h, req, path);
         return 0;
     }
     else if (!(path.len >= 4 && memcmp (path.base, "/vms", 4) == 0

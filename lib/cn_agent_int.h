@@ -65,6 +65,8 @@ struct acn {
     atomic_int instance;        /* interned name of the last welcome, -1 */
     atomic_uint addr;           /* current/last address */
     atomic_size_t nvms;
+
+    struct atasks *tasks;       /* lib/cn_agent_tasks.c (loop thread); NULL until used */
 };
 
 typedef struct cn_agent_http cn_agent_http_t;
@@ -137,7 +139,10 @@ struct cn_agents {
 };
 
 /* Messages into a loop (h2o multithread queue). */
-enum { AM_STOP, AM_RESOLVED, AM_RATE, AM_VMOP, AM_VMOP_REPLY };
+enum { AM_STOP, AM_RESOLVED, AM_RATE, AM_VMOP, AM_VMOP_REPLY, AM_TASK };
+
+/* AM_TASK requests (answered with AM_VMOP_REPLY, possibly much later). */
+typedef enum { TOP_POST, TOP_GET, TOP_HISTORY, TOP_PAUSE, TOP_RESUME } top_kind_t;
 
 typedef enum {
     VMOP_HEALTH, VMOP_LIST, VMOP_GET, VMOP_CREATE, VMOP_START, VMOP_STOP, VMOP_REBOOT,
@@ -160,6 +165,10 @@ typedef struct {
     json_t *params;             /* owned */
     int status;                 /* reply */
     json_t *body;               /* reply, owned */
+    /* AM_TASK (params: the POST body {task, params}) */
+    top_kind_t top;
+    char task_id[37];           /* x-cnapi-task-id, or the :id of GET; "" when none */
+    char xreq[64];              /* x-request-id, "" when none */
 } amsg_t;
 
 /* cn_agent.c, for the HTTP side. Post a message to a loop; false (and the
@@ -169,6 +178,37 @@ bool cn_agent_post (aloop_t *l, amsg_t *m);
  * sets *body (new reference). */
 int cn_agent_vmop (acn_t *cn, vmop_kind_t op, const char *vm, const json_t *params, json_t **body);
 acn_t *cn_agent_lookup (cn_agents_t *a, const char *uuid, size_t len);
+
+/* cn_agent.c, for the task side (the CN's loop thread). */
+void cn_agent_timer_start (aloop_t *l, atimer_t *t, int64_t delay_ms);
+void cn_agent_timer_stop (aloop_t *l, atimer_t *t);
+/* Arm the CN's VM transition timer after an operation. */
+void cn_agent_vm_sched (acn_t *cn);
+/* Publish the CN's sysinfo now (ur.sysinfo.<uuid>.<n>, changed or not).
+ * 0, or -1 with err filled (no AMQP, no sysinfo source). */
+int cn_agent_sysinfo_now (acn_t *cn, char *err, size_t errlen);
+
+/* cn_agent_tasks.c (proto/tasks.md), on the CN's loop thread unless said. */
+typedef enum {
+    TK_NONE = -1, TK_CREATE, TK_BOOT, TK_SHUTDOWN, TK_REBOOT, TK_KILL, TK_UPDATE,
+    TK_DESTROY, TK_SYSINFO, TK_LOAD
+} tkind_t;
+/* The task kind of a name, TK_NONE when unknown. Any thread. */
+tkind_t cn_agent_task_kind (const char *name);
+/* An AM_TASK message. true: m holds the answer (status, body) to send home
+ * now; false: the answer comes later (when the task ends) or never (the
+ * caller frees m either way, and m->params when still set). */
+bool cn_agent_tasks_msg (acn_t *cn, amsg_t *m);
+/* A welcome arrived: send the whole outbox again, in order. */
+void cn_agent_tasks_welcome (acn_t *cn);
+/* A task_ack frame; -1 when malformed (the session is closed 1002). */
+int cn_agent_tasks_ack (acn_t *cn, const char *id, size_t idlen, uint64_t seq);
+/* Every VM change of the CN (from the backend's event callback). */
+void cn_agent_tasks_vm_event (acn_t *cn, const cn_vm_t *vm, cn_vm_event_t ev, int64_t time_ms);
+/* The loop is stopping: held requests get 503 now (tasks stay as they are). */
+void cn_agent_tasks_stop (acn_t *cn);
+/* Free everything (after the loops ended). */
+void cn_agent_tasks_free (acn_t *cn);
 
 /* cn_agent_http.c, on loop 0's thread */
 cn_agent_http_t *cn_agent_http_start (aloop_t *l, int fd, char *err, size_t errlen);

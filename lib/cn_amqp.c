@@ -288,6 +288,31 @@ cn_amqp_queue_declare (amqp_connection_state_t c, const char *queue,
 }
 
 int
+cn_amqp_queue_declare_private (amqp_connection_state_t c, const char *queue,
+                               char *err, size_t errlen)
+{
+    amqp_queue_declare (c, CN_AMQP_CHANNEL, amqp_cstring_bytes (queue), /* passive */ 0,
+                        /* durable */ 0, /* exclusive */ 1, /* auto_delete */ 1,
+                        amqp_empty_table);
+    return s_check (c, "queue.declare", err, errlen);
+}
+
+int
+cn_amqp_bind (amqp_connection_state_t c, const char *queue, const char *key, bool bind,
+              char *err, size_t errlen)
+{
+    if (bind)
+        amqp_queue_bind (c, CN_AMQP_CHANNEL, amqp_cstring_bytes (queue),
+                         amqp_cstring_bytes (CN_AMQP_EXCHANGE), amqp_cstring_bytes (key),
+                         amqp_empty_table);
+    else
+        amqp_queue_unbind (c, CN_AMQP_CHANNEL, amqp_cstring_bytes (queue),
+                           amqp_cstring_bytes (CN_AMQP_EXCHANGE), amqp_cstring_bytes (key),
+                           amqp_empty_table);
+    return s_check (c, bind ? "queue.bind" : "queue.unbind", err, errlen);
+}
+
+int
 cn_amqp_consume (amqp_connection_state_t c, const char *queue, int prefetch,
                  const char *consumer_tag, char *err, size_t errlen)
 {

@@ -57,6 +57,10 @@ static const s_key_t s_keys[] = {
     I ("session.flush_ms", session_flush_ms, 5000, 100, 600000),
     I ("session.owner_grace_ms", session_owner_grace_ms, 5000, 0, 600000),
     I ("session.close_grace_ms", session_close_grace_ms, 500, 0, 60000),
+    I ("tasks.per_agent", tasks_per_agent, 8, 1, 1024),
+    I ("tasks.agent_timeout_ms", tasks_agent_timeout_ms, 10000, 100, 600000),
+    I ("tasks.sweep_ms", tasks_sweep_ms, 5000, 100, 3600000),
+    I ("tasks.max_age_s", tasks_max_age_s, 3600, 1, 30 * 86400),
 };
 #define NKEYS (sizeof s_keys / sizeof s_keys[0])
 

@@ -660,6 +660,37 @@ cn_vmdummy_reboot (cn_vmdummy_t *b, const char *uuid, int64_t now_ms, char *err,
                     now_ms, err, errlen);
 }
 
+int
+cn_vmdummy_kill (cn_vmdummy_t *b, const char *uuid, int64_t now_ms, char *err, size_t errlen)
+{
+    cn_vm_t *vm = s_get (b, uuid, false, err, errlen);
+    if (!vm)
+        return -1;
+    if (vm->op != CN_VM_OP_NONE && vm->op != CN_VM_OP_STOP && vm->op != CN_VM_OP_REBOOT) {
+        snprintf (err, errlen, "VM %s is busy", vm->uuid);
+        return -1;
+    }
+    if (strcmp (vm->state, "running") != 0 && strcmp (vm->state, "stopping") != 0) {
+        snprintf (err, errlen, "VM %s is %s, not running", vm->uuid, vm->state);
+        return -1;
+    }
+    /* a pending stop or reboot is overtaken: the VM is down now */
+    int op = vm->op;
+    int64_t due = vm->due_ms;
+    char prev[24];
+    s_copy (prev, sizeof prev, vm->state);
+    vm->op = CN_VM_OP_NONE;
+    s_copy (vm->state, sizeof vm->state, "stopped");
+    if (s_changed (b, vm, CN_VM_EV_STATE, now_ms, err, errlen) != 0) {
+        s_copy (vm->state, sizeof vm->state, prev);
+        vm->seq--;
+        vm->op = op;
+        vm->due_ms = due;
+        return -1;
+    }
+    return 0;
+}
+
 static int
 s_remove (cn_vmdummy_t *b, cn_vm_t *vm, int64_t now_ms, char *err, size_t errlen)
 {

@@ -180,12 +180,22 @@ cn_msgpack_to_json (const msgpack_object *o)
         case MSGPACK_OBJECT_POSITIVE_INTEGER:
             return json_integer ((json_int_t) o->via.u64);
         case MSGPACK_OBJECT_NEGATIVE_INTEGER: return json_integer (o->via.i64);
+        /* Peers (agents) choose these bytes: what JSON cannot hold (a
+         * non-finite number, a string or bin that is not UTF-8) becomes null.
+         * An unchecked string would make every later json_dumps of the tree
+         * fail (cnapid aborted on such a hello). */
         case MSGPACK_OBJECT_FLOAT32:
-        case MSGPACK_OBJECT_FLOAT64: return json_real (o->via.f64);
+        case MSGPACK_OBJECT_FLOAT64: {
+            json_t *r = json_real (o->via.f64);
+            return r ? r : json_null ();
+        }
         case MSGPACK_OBJECT_STR:
-            return json_stringn_nocheck (o->via.str.ptr, o->via.str.size);
-        case MSGPACK_OBJECT_BIN:
-            return json_stringn_nocheck (o->via.bin.ptr, o->via.bin.size);
+        case MSGPACK_OBJECT_BIN: {
+            const char *p = o->type == MSGPACK_OBJECT_STR ? o->via.str.ptr : o->via.bin.ptr;
+            size_t n = o->type == MSGPACK_OBJECT_STR ? o->via.str.size : o->via.bin.size;
+            json_t *s = json_stringn (p, n);
+            return s ? s : json_null ();
+        }
         case MSGPACK_OBJECT_ARRAY: {
             json_t *a = json_array ();
             for (uint32_t i = 0; i < o->via.array.size; i++)

@@ -63,6 +63,9 @@ s_start (s_actor_t *a, const cn_config_t *cfg, s_actor_t *all, size_t nall)
          * starts (vmevents): they bind control sockets too */
         zmsg_addstr (msg, "sessions");
         zmsg_addstr (msg, "vmevents");
+        zmsg_addstr (msg, "tasks");
+        zmsg_addstr (msg, "ur");              /* the gateway starts it */
+        zmsg_addstr (msg, "waitlist");        /* the gateway starts it */
     }
     zmsg_send (&msg, a->actor);
     zsock_set_rcvtimeo (a->actor, 30000);

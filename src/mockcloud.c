@@ -6,22 +6,33 @@
  *             [--event-rate R] [--prefix HEX8] [--amqp URL|none]
  *             [--resolver A.B.C.D:PORT] [--dc DC] [--domain DOMAIN]
  *             [--cnapi-port P] [--listen ADDR:PORT] [--ramp-ms MS]
- *             [--vm-delay-ms MS] [--unsetup] [--sysinfo-size BYTES]
+ *             [--vm-delay-ms MS] [--tasks-max N] [--unsetup] [--sysinfo-size BYTES]
  *             [--open-timeout-ms MS] [--stats] [--run-for SECONDS]
- *             [--log-level LEVEL]
+ *             [--log-level LEVEL] [--no-ur]
  *
  * CN i (0-based) has UUID <prefix>-0000-4000-8000-<i as 12 hex digits> (the
  * sysinfo-burst scheme) and V VMs <prefix>-<j>-4000-a000-<i>. Defaults:
  * --amqp $CNAPI_AMQP_URL (none when unset), --resolver $CNAPI_DNS_SERVER
  * (the system's when unset), dc1, example.com, port 8080, 1 thread.
  *
+ * Tasks (proto/tasks.md) come to the --listen endpoint, routed by
+ * x-server-uuid, and run on the CN's dummy VM backend: every VM transition
+ * takes --vm-delay-ms (0: at once). --tasks-max: task records kept per CN
+ * (1000; the outbox cap).
+ *
  * --stats prints one JSON line per second on stdout (connected, sessions per
  * instance from the last welcome, reconnects, failovers, VM events, AMQP
  * counters); a last line with "type":"final" at exit. Logs go to stderr
  * (per-session lines at debug level). SIGTERM/SIGINT or --run-for end it:
  * every session closes (1000), AMQP is flushed (bounded), exit 0.
+ *
+ * Ur execute (docs/ur.md): with AMQP, one consumer connection for the whole
+ * process (lib/cn_agent_ur.c) runs the scripts sent to any of its CNs FOR
+ * REAL on this host, as this user; --no-ur turns it off. Its counters are
+ * the "ur" member of the --stats lines.
  */
 #include "cn_agent.h"
+#include "cn_agent_ur.h"
 #include "cn_agent_sysinfo.h"
 #include "cn_log.h"
 #include "cn_util.h"
@@ -67,9 +78,9 @@ s_usage (FILE *f)
              "                 [--event-rate R] [--prefix HEX8] [--amqp URL|none]\n"
              "                 [--resolver A.B.C.D:PORT] [--dc DC] [--domain DOMAIN]\n"
              "                 [--cnapi-port P] [--listen ADDR:PORT] [--ramp-ms MS]\n"
-             "                 [--vm-delay-ms MS] [--unsetup] [--sysinfo-size BYTES]\n"
+             "                 [--vm-delay-ms MS] [--tasks-max N] [--unsetup] [--sysinfo-size BYTES]\n"
              "                 [--open-timeout-ms MS] [--stats] [--run-for SECONDS]\n"
-             "                 [--log-level LEVEL]\n");
+             "                 [--log-level LEVEL] [--no-ur]\n");
 }
 
 static bool
@@ -84,12 +95,19 @@ s_long (const char *s, long min, long max, long *out)
     return true;
 }
 
+static cn_agent_ur_t *s_ur;     /* NULL: no Ur consumer */
+
 static void
 s_print_stats (cn_agents_t *a, const char *type)
 {
     cn_agents_stats_t st;
     cn_agents_stats (a, &st);
     json_t *o = cn_agents_stats_json (&st);
+    if (s_ur) {
+        cn_agent_ur_stats_t us;
+        cn_agent_ur_stats (s_ur, &us);
+        json_object_set_new (o, "ur", cn_agent_ur_stats_json (&us));
+    }
     json_object_set_new (o, "type", json_string (type));
     char *text = json_dumps (o, JSON_COMPACT);
     json_decref (o);
@@ -103,6 +121,7 @@ int
 main (int argc, char **argv)
 {
     setvbuf (stdout, NULL, _IOLBF, 0);
+    long tasks_max = 1000;
     long count = -1, threads = 1, hb = 1000, vms = 0, ramp = -1, vm_delay = 0, run_for = 0,
          cnapi_port = 8080, size = 0, open_timeout = 5000;
     double rate = 0;
@@ -112,10 +131,10 @@ main (int argc, char **argv)
     const char *resolver = env_dns && *env_dns ? env_dns : NULL;
     const char *prefix = "cafe0000", *dc = "dc1", *domain = "example.com", *listen = NULL,
                *log_level = "info";
-    bool stats = false, unsetup = false, bad = false;
+    bool stats = false, unsetup = false, bad = false, no_ur = false;
     enum { O_COUNT = 256, O_THREADS, O_HB, O_VMS, O_RATE, O_PREFIX, O_AMQP, O_RESOLVER, O_DC,
            O_DOMAIN, O_PORT, O_LISTEN, O_RAMP, O_VMDELAY, O_UNSETUP, O_SIZE, O_OPEN, O_STATS,
-           O_RUNFOR, O_LOG, O_HELP };
+           O_RUNFOR, O_LOG, O_NOUR, O_HELP, O_TASKSMAX };
     static const struct option opts[] = {
         { "count", required_argument, NULL, O_COUNT },
         { "threads", required_argument, NULL, O_THREADS },
@@ -131,12 +150,14 @@ main (int argc, char **argv)
         { "listen", required_argument, NULL, O_LISTEN },
         { "ramp-ms", required_argument, NULL, O_RAMP },
         { "vm-delay-ms", required_argument, NULL, O_VMDELAY },
+        { "tasks-max", required_argument, NULL, O_TASKSMAX },
         { "unsetup", no_argument, NULL, O_UNSETUP },
         { "sysinfo-size", required_argument, NULL, O_SIZE },
         { "open-timeout-ms", required_argument, NULL, O_OPEN },
         { "stats", no_argument, NULL, O_STATS },
         { "run-for", required_argument, NULL, O_RUNFOR },
         { "log-level", required_argument, NULL, O_LOG },
+        { "no-ur", no_argument, NULL, O_NOUR },
         { "help", no_argument, NULL, O_HELP },
         { NULL, 0, NULL, 0 }
     };
@@ -167,12 +188,14 @@ main (int argc, char **argv)
         case O_LISTEN: listen = optarg; break;
         case O_RAMP: bad |= !s_long (optarg, 0, 3600000, &ramp); break;
         case O_VMDELAY: bad |= !s_long (optarg, 0, 3600000, &vm_delay); break;
+        case O_TASKSMAX: bad |= !s_long (optarg, 100, 1000000, &tasks_max); break;
         case O_UNSETUP: unsetup = true; break;
         case O_SIZE: bad |= !s_long (optarg, 0, 4 * 1024 * 1024, &size); break;
         case O_OPEN: bad |= !s_long (optarg, 100, 600000, &open_timeout); break;
         case O_STATS: stats = true; break;
         case O_RUNFOR: bad |= !s_long (optarg, 0, 100000000, &run_for); break;
         case O_LOG: log_level = optarg; bad |= cn_log_parse_level (optarg) < 0; break;
+        case O_NOUR: no_ur = true; break;
         case O_HELP: s_usage (stdout); return 0;
         default: bad = true;
         }
@@ -217,6 +240,7 @@ main (int argc, char **argv)
     ac.listen = listen;
     ac.delays.create_ms = ac.delays.start_ms = ac.delays.stop_ms = (int) vm_delay;
     ac.delays.reboot_ms = ac.delays.destroy_ms = (int) vm_delay;
+    ac.tasks_max = (int) tasks_max;
     ac.session_log_level = CN_LOG_DEBUG;
 
     /* The agent endpoint every CN reports: the listener's address. */
@@ -264,6 +288,25 @@ main (int argc, char **argv)
         goto done;
     }
     cn_agents_set_event_rate (a, rate);
+    if (amqp && !no_ur && count > 0) {
+        /* one consumer for every CN of the process */
+        char (*uu)[37] = calloc ((size_t) count, sizeof *uu);
+        const char **up = calloc ((size_t) count, sizeof *up);
+        if (!uu || !up)
+            abort ();
+        for (long i = 0; i < count; i++) {
+            cn_sysinfo_gen_uuid (prefix, (uint64_t) i, uu[i]);
+            up[i] = uu[i];
+        }
+        cn_agent_ur_cfg_t uc = { .url = amqp, .name = "mockcloud ur" };
+        s_ur = cn_agent_ur_new (&uc, up, (size_t) count, err, sizeof err);
+        free (up);
+        free (uu);
+        if (!s_ur) {
+            fprintf (stderr, "mockcloud: %s\n", err);
+            goto done;
+        }
+    }
     CN_INFO (COMPONENT, "mockcloud started", "{s:I,s:i,s:I,s:f,s:s?,s:s?,s:s?,s:f}",
              "count", (json_int_t) count, "threads", (int) threads,
              "vms_per_cn", (json_int_t) vms, "event_rate", rate, "amqp", amqp ? "on" : NULL,
@@ -297,6 +340,7 @@ main (int argc, char **argv)
         s_print_stats (a, "final");
     rc = 0;
 done:
+    cn_agent_ur_destroy (&s_ur);        /* running scripts are killed */
     cn_agents_destroy (&a);
     return rc;
 }

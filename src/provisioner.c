@@ -2,16 +2,19 @@
  * provisioner: the compute-node agent for one CN (docs/agent.md).
  *
  *   provisioner [-f CONFIG] [--sysinfo FILE] [--print-sysinfo] [--print-config]
+ *               [--no-ur]
  *
  * Configuration: include/cn_agent_config.h (JSON file, CNAPI_AGENT_*
  * overrides). The work is lib/cn_agent.c's, shared with mockcloud: the
  * session with a cnapid instance, sysinfo and VM events on AMQP, the dummy
- * VM backend, the agent endpoint.
+ * VM backend, the agent endpoint; and Ur execute (lib/cn_agent_ur.c, docs/ur.md:
+ * scripts from cnapid run on this host; --no-ur turns it off).
  *
  * Signals: SIGTERM / SIGINT close the session cleanly (close frame 1000),
  * flush AMQP (bounded) and exit 0. SIGHUP re-reads nothing yet (logged).
  */
 #include "cn_agent.h"
+#include "cn_agent_ur.h"
 #include "cn_agent_config.h"
 #include "cn_agent_sysinfo.h"
 #include "cn_log.h"
@@ -69,7 +72,7 @@ static void
 s_usage (FILE *f)
 {
     fprintf (f, "usage: provisioner [-f CONFIG] [--sysinfo FILE] [--print-sysinfo] "
-                "[--print-config]\n"
+                "[--print-config] [--no-ur]\n"
                 "configuration keys and CNAPI_AGENT_* overrides: docs/agent.md\n");
 }
 
@@ -78,13 +81,14 @@ main (int argc, char **argv)
 {
     setvbuf (stdout, NULL, _IOLBF, 0);
     const char *config = NULL, *sysinfo_file = NULL;
-    bool print_sysinfo = false, print_config = false;
-    enum { O_SYSINFO = 256, O_PRINT_SYSINFO, O_PRINT_CONFIG, O_HELP };
+    bool print_sysinfo = false, print_config = false, no_ur = false;
+    enum { O_SYSINFO = 256, O_PRINT_SYSINFO, O_PRINT_CONFIG, O_NOUR, O_HELP };
     static const struct option opts[] = {
         { "config", required_argument, NULL, 'f' },
         { "sysinfo", required_argument, NULL, O_SYSINFO },
         { "print-sysinfo", no_argument, NULL, O_PRINT_SYSINFO },
         { "print-config", no_argument, NULL, O_PRINT_CONFIG },
+        { "no-ur", no_argument, NULL, O_NOUR },
         { "help", no_argument, NULL, O_HELP },
         { NULL, 0, NULL, 0 }
     };
@@ -95,6 +99,7 @@ main (int argc, char **argv)
         case O_SYSINFO: sysinfo_file = optarg; break;
         case O_PRINT_SYSINFO: print_sysinfo = true; break;
         case O_PRINT_CONFIG: print_config = true; break;
+        case O_NOUR: no_ur = true; break;
         case O_HELP: s_usage (stdout); return 0;
         default: s_usage (stderr); return 2;
         }
@@ -181,6 +186,7 @@ main (int argc, char **argv)
     ac.listen = *listen ? listen : NULL;
 
     int rc = 1;
+    cn_agent_ur_t *ur = NULL;
     cn_agents_t *a = cn_agents_new (&ac, err, sizeof err);
     if (!a) {
         CN_FATAL (COMPONENT, "bad configuration", "{s:s}", "error", err);
@@ -199,6 +205,17 @@ main (int argc, char **argv)
         || cn_agents_start (a, err, sizeof err) != 0) {
         CN_FATAL (COMPONENT, "cannot start", "{s:s}", "error", err);
         goto done;
+    }
+    if (ac.amqp_url && !no_ur) {
+        const char *uuids[] = { cfg->server_uuid };
+        char ur_name[80];
+        snprintf (ur_name, sizeof ur_name, "provisioner %s ur", cfg->server_uuid);
+        cn_agent_ur_cfg_t uc = { .url = ac.amqp_url, .name = ur_name };
+        ur = cn_agent_ur_new (&uc, uuids, 1, err, sizeof err);
+        if (!ur) {
+            CN_FATAL (COMPONENT, "cannot start", "{s:s}", "error", err);
+            goto done;
+        }
     }
     char *dump = cn_agent_config_dump (cfg);
     json_error_t jerr;
@@ -224,6 +241,7 @@ main (int argc, char **argv)
     cn_agents_stop (a, 3000);
     rc = 0;
 done:
+    cn_agent_ur_destroy (&ur);
     cn_agents_destroy (&a);
     cn_agent_config_destroy (&cfg);
     CN_INFO (COMPONENT, "provisioner stopped", NULL);

@@ -31,7 +31,8 @@ STACK_SCRIPT = REPO / "deploy" / "local" / "stack"
 
 
 def build_dir():
-    return Path(os.environ.get("CNAPI_BUILD") or (REPO / "build"))
+    # a relative CNAPI_BUILD is the repository's (children run elsewhere)
+    return REPO / (os.environ.get("CNAPI_BUILD") or "build")
 
 
 # ------------------------------------------------------------------ polling
@@ -827,12 +828,221 @@ class Cnapid:
         return "<Cnapid %s pid=%s %s>" % (self.name, self.pid, self.url)
 
 
+# ------------------------------------------------------------------ mockcloud
+
+_live_mc = []                 # Mockcloud processes started and not yet reaped
+
+
+def mockcloud_uuid(prefix, i):
+    """The server uuid of mockcloud's CN i (cn_sysinfo_gen_uuid)."""
+    return "%s-0000-4000-8000-%012x" % (prefix, i)
+
+
+class Mockcloud:
+    """One mockcloud process (build/mockcloud --stats): `count` simulated CNs
+    holding agent sessions to the instances behind the stack's DNS name.
+
+        m = Mockcloud(tmp, stack, count=300, amqp_url=vhost_url, cnapi_port=port)
+        m.start()
+        m.wait_stats(lambda s: s["connected"] == 300, timeout=30)
+        m.stats()            # the latest --stats line (a dict), or None
+        m.stop()             # SIGTERM, wait (reaped); m.final: the "final" line
+        m.kill9()            # or SIGKILL, reaped
+
+    A reader thread parses the one-JSON-line-a-second --stats output from
+    stdout (every line is kept in .history as (monotonic time, dict));
+    stderr (the logs) goes to NAME.log in tmpdir. The child's environment has
+    no CNAPI_* variables. Killed only by its own PID.
+    """
+
+    def __init__(self, tmpdir, stack=None, count=1, prefix="cafe0000", name="mockcloud",
+                 amqp_url=None, resolver=None, cnapi_port=8080, log_level="info",
+                 args=None, env=None, binary=None):
+        self.tmpdir = Path(tmpdir)
+        self.tmpdir.mkdir(parents=True, exist_ok=True)
+        self.stack = stack
+        self.name = name
+        self.count = count
+        self.prefix = prefix
+        self.amqp_url = amqp_url
+        self.resolver = resolver or (stack.dns_server if stack else None)
+        self.cnapi_port = cnapi_port
+        self.log_level = log_level
+        self.args = list(args or [])
+        self.extra_env = dict(env or {})
+        self.binary = Path(binary) if binary else build_dir() / "mockcloud"
+        self.log_path = self.tmpdir / ("%s.log" % name)
+        self.proc = None
+        self.final = None
+        self.history = []
+        self._latest = None
+        self._cond = threading.Condition()
+        self._reader = None
+        self._logf = None
+
+    def uuid(self, i):
+        return mockcloud_uuid(self.prefix, i)
+
+    def uuids(self):
+        return [self.uuid(i) for i in range(self.count)]
+
+    def command(self):
+        cmd = [str(self.binary), "--count", str(self.count), "--prefix", self.prefix,
+               "--cnapi-port", str(self.cnapi_port), "--amqp", self.amqp_url or "none",
+               "--log-level", self.log_level, "--stats"]
+        if self.resolver:
+            cmd += ["--resolver", self.resolver]
+        return cmd + self.args
+
+    def start(self):
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError("%s already running" % self.name)
+        if not os.access(str(self.binary), os.X_OK):
+            raise AssertionError("no mockcloud binary at %s (build first, or set CNAPI_BUILD)"
+                                 % self.binary)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CNAPI_")}
+        env.update(self.extra_env)
+        self._logf = open(self.log_path, "ab")
+        self._logf.write(("--- start %s %s\n" % (time.strftime("%H:%M:%S"),
+                                                  " ".join(self.command()))).encode())
+        self._logf.flush()
+        self.final = None
+        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=self._logf, env=env,
+                                     cwd=str(self.tmpdir), start_new_session=True)
+        with _live_lock:
+            _live_mc.append(self)
+        self._reader = threading.Thread(target=self._read, args=(self.proc,),
+                                        name="%s-stats" % self.name, daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self, proc):
+        for raw in proc.stdout:
+            try:
+                o = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(o, dict):
+                continue
+            with self._cond:
+                self.history.append((time.monotonic(), o))
+                self._latest = o
+                if o.get("type") == "final":
+                    self.final = o
+                self._cond.notify_all()
+        proc.stdout.close()
+
+    @property
+    def pid(self):
+        return self.proc.pid if self.proc else None
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def stats(self):
+        """The latest stats line (a dict), or None before the first."""
+        with self._cond:
+            return self._latest
+
+    def wait_stats(self, pred, timeout=30.0, desc=None):
+        """Wait (bounded) for a stats line newer than the call for which
+        pred(line) is true; return it. Raises AssertionError on timeout or
+        when the process exits first."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            seen = len(self.history)
+            while True:
+                for _t, o in self.history[seen:]:
+                    if pred(o):
+                        return o
+                seen = len(self.history)
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.running():
+                    raise AssertionError(
+                        "%s: no stats line satisfying %s within %.0fs (running: %s); last: %r;"
+                        " log:\n%s" % (self.name, desc or "the condition", timeout,
+                                       self.running(), self._latest, self.log_tail(15)))
+                self._cond.wait(min(left, 0.5))
+
+    def log_text(self):
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, n=30):
+        return "\n".join(self.log_text().splitlines()[-n:])
+
+    def _reap(self):
+        if self._reader is not None:
+            self._reader.join(timeout=10)
+        with _live_lock:
+            if self in _live_mc:
+                _live_mc.remove(self)
+        if self._logf:
+            self._logf.close()
+            self._logf = None
+
+    def stop(self, timeout=15.0):
+        """SIGTERM (sessions close 1000, AMQP flushed), wait; SIGKILL after
+        timeout. Reaped either way. Then, when it was running, as Cnapid:
+        exit status 0 and no sanitizer report, else AssertionError. Returns
+        the exit status."""
+        if self.proc is None:
+            return None
+        terminated = self.proc.poll() is None
+        if terminated:
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._reap()
+        if terminated:
+            self.check_clean_exit()
+        return self.proc.returncode
+
+    def check_clean_exit(self):
+        text = self.log_text()
+        text = text[text.rfind("--- start"):] if "--- start" in text else text
+        marks = [m for m in Cnapid.SANITIZER_MARKS if m in text]
+        if marks:
+            raise AssertionError("%s: sanitizer report at exit (%s):\n%s"
+                                 % (self.name, ", ".join(marks), self.log_tail(40)))
+        if self.proc.returncode != 0:
+            raise AssertionError("%s exited with status %s after SIGTERM:\n%s"
+                                 % (self.name, self.proc.returncode, self.log_tail(20)))
+
+    def kill9(self):
+        """SIGKILL and reap. Returns the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=10)
+        self._reap()
+        return self.proc.returncode
+
+    def __repr__(self):
+        return "<Mockcloud %s pid=%s count=%d>" % (self.name, self.pid, self.count)
+
+
 def reap_all():
-    """Kill (SIGKILL) and reap every Cnapid still running; return their names."""
+    """Kill (SIGKILL) and reap every Cnapid and Mockcloud still running;
+    return their names."""
     with _live_lock:
         left = list(_live)
+        left_mc = list(_live_mc)
     names = []
-    for d in left:
+    for d in left + left_mc:
         if d.running():
             names.append(d.name)
         d.kill9()

@@ -25,6 +25,10 @@ test_defaults (void)
     CHECK_STR (c->amqp_queue, "ur.cnapi");
     CHECK_INT (c->http_port, 8080);
     CHECK_INT (c->sysinfo_freshness_s, 90);
+    CHECK_INT (c->tasks_per_agent, 8);
+    CHECK_INT (c->tasks_agent_timeout_ms, 10000);
+    CHECK_INT (c->tasks_sweep_ms, 5000);
+    CHECK_INT (c->tasks_max_age_s, 3600);
     CHECK (c->instance && *c->instance);
     CHECK (c->admin_endpoint && strstr (c->admin_endpoint, c->instance));
     cn_config_destroy (&c);
@@ -77,6 +81,14 @@ test_errors (void)
     CHECK (cn_config_load (NULL, err, sizeof err) == NULL);
     CHECK (strstr (err, "CNAPI_AMQP_PREFETCH"));
     unsetenv ("CNAPI_AMQP_PREFETCH");
+    s_write ("{\"tasks\":{\"per_agent\":0}}");
+    CHECK (cn_config_load (s_path, err, sizeof err) == NULL);
+    CHECK (strstr (err, "tasks.per_agent"));
+    setenv ("CNAPI_TASKS_SWEEP_MS", "250", 1);
+    cn_config_t *c = cn_config_load (NULL, err, sizeof err);
+    CHECK (c && c->tasks_sweep_ms == 250);
+    cn_config_destroy (&c);
+    unsetenv ("CNAPI_TASKS_SWEEP_MS");
     unlink (s_path);
 }
 

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# sessions.sh: how many agent sessions one instance holds, and what each costs
+# (issue 3, target 1).
+#
+#   test/bench/sessions.sh [--sessions N] [--window S] [--mockclouds M] [--threads T]
+#                          [--ramp-ms MS] [--perf] [--no-restart]
+#
+# 1. One cnapid (bench-1 on 127.0.0.2), DNS pointing at it. N server records
+#    are seeded through the real ingest path first (sysinfo-burst), so the
+#    sessions find their records as in production.
+# 2. Baseline: cnapid VmRSS (/proc/PID/status) of a fresh cnapid started
+#    after the seeding (so every cache the sessions fill counts against
+#    them); --no-restart keeps the process that ingested the records (the
+#    marginal cost: the allocator reuses what the ingest freed).
+# 3. M mockcloud processes (default 1) open N sessions at 1 s heartbeats
+#    (--amqp none: nothing but sessions); time until all are up.
+# 4. 10 s to settle (claims, VM state writes, first flushes), then a steady
+#    window of S seconds (default 30): cnapid's CPU (utime + stime from
+#    /proc/PID/stat) as % of one core, per thread too; the stack's
+#    PostgreSQL and Redis CPU (the batched last_heartbeat flushes); the
+#    sessions actor's counters (timeouts, reconnects must stay 0).
+# 5. RSS at N: (RSS_N - RSS_0) / N per session; with --perf a 10 s
+#    `perf record -g` of cnapid and its top symbols.
+# Prints one summary block; docs/benchmarks.md records the figures.
+set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/sessions_lib.sh"
+N=15000 WINDOW=30 MC=1 THREADS=1 RAMP=-1 PERF=0 RESTART=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --sessions) N=$2; shift 2 ;;
+    --window) WINDOW=$2; shift 2 ;;
+    --mockclouds) MC=$2; shift 2 ;;
+    --threads) THREADS=$2; shift 2 ;;
+    --ramp-ms) RAMP=$2; shift 2 ;;
+    --perf) PERF=1; shift ;;
+    --no-restart) RESTART=0; shift ;;
+    *) sed -n '2,25p' "$0"; exit 2 ;;
+  esac
+done
+bench_init bsessions
+start_cnapid 1
+wait_ready 1
+"$ROOT/deploy/local/stack" dns-set "$STACK" 127.0.0.2 >/dev/null 2>&1
+PID=${CNAPID_PID[1]}
+
+# M mockclouds: process m runs CNs 0..cnt-1 of prefix cafe<m-1>; each
+# prefix's records are seeded before the baseline
+PER=$(( (N + MC - 1) / MC ))
+count_of() { if [ "$1" = "$MC" ]; then echo $((N - PER * (MC - 1))); else echo "$PER"; fi; }
+log "seeding $N server records (sysinfo-burst -> ur.cnapi -> cnapid)"
+for m in $(seq 1 "$MC"); do seed_servers "$(count_of "$m")" "$(printf 'cafe%04x' $((m - 1)))"; done
+if [ "$RESTART" = 1 ]; then
+  # a fresh process: the baseline holds none of the ingest's memory, so the
+  # per-session figure includes every cache the sessions fill (conservative)
+  kill -TERM "$PID"; reap "$PID"
+  start_cnapid 1
+  wait_ready 1
+  PID=${CNAPID_PID[1]}
+fi
+sleep 3
+RSS0=$(rss_kb "$PID")
+log "baseline: cnapid RSS $RSS0 KiB ($([ "$RESTART" = 1 ] && echo "fresh process after seeding" || echo "same process that ingested the records")), load $(loadavg)"
+
+MCPIDS=()
+T0=$(now_ms)
+for m in $(seq 1 "$MC"); do
+  prefix=$(printf 'cafe%04x' $((m - 1)))
+  cnt=$(count_of "$m")
+  ramp=()
+  [ "$RAMP" -ge 0 ] && ramp=(--ramp-ms "$RAMP")
+  "$BUILD/mockcloud" --count "$cnt" --prefix "$prefix" --threads "$THREADS" --amqp none \
+      --resolver "$CNAPI_DNS_SERVER" --cnapi-port "$PORT" --heartbeat-ms 1000 "${ramp[@]}" \
+      --stats --log-level warn >"$STATE/mc-$m.stats" 2>"$STATE/mc-$m.log" &
+  MCPIDS+=($!)
+  PIDS+=($!)
+done
+T_UP=""
+for _ in $(seq 1 1800); do           # bounded: 3 minutes
+  c=0
+  for m in $(seq 1 "$MC"); do
+    c=$((c + $(tail -n1 "$STATE/mc-$m.stats" 2>/dev/null | $PY -c 'import json,sys
+try: print(json.loads(sys.stdin.read())["connected"])
+except Exception: print(0)')))
+  done
+  if [ "$c" -ge "$N" ]; then T_UP=$(( $(now_ms) - T0 )); break; fi
+  sleep 0.1
+done
+log "sessions up: ${c}/$N after ${T_UP:-timeout} ms; load $(loadavg)"
+sleep 10
+C_BEFORE=$(ctl 1 -j actors | $PY -c 'import json,sys; s=json.load(sys.stdin)["sessions"]; print(s["timeouts"], s["claims"], s["sessions"], s["lost_byes"], s["fenced"])')
+LOAD_START=$(loadavg)
+declare -A TT0=()
+tticks() { awk '{ print $14 + $15 }' "/proc/$PID/task/$1/stat" 2>/dev/null || echo 0; }
+for t in /proc/"$PID"/task/*; do TT0[${t##*/}]=$(tticks "${t##*/}"); done
+CPU0=$(cpu_ticks "$PID") ST0=$(stack_ticks)
+MC0=0; for p in "${MCPIDS[@]}"; do MC0=$((MC0 + $(cpu_ticks "$p"))); done
+W0=$(now_ms)
+sleep "$WINDOW"
+W1=$(now_ms)
+CPU1=$(cpu_ticks "$PID") ST1=$(stack_ticks)
+MC1=0; for p in "${MCPIDS[@]}"; do MC1=$((MC1 + $(cpu_ticks "$p"))); done
+LOAD_END=$(loadavg)
+THREADS_CPU=""
+for t in /proc/"$PID"/task/*; do
+  tid=${t##*/}
+  d=$(( $(tticks "$tid") - ${TT0[$tid]:-0} ))
+  [ "$d" -gt 0 ] && THREADS_CPU="$THREADS_CPU $tid:$d"
+done
+RSS1=$(rss_kb "$PID")
+C_AFTER=$(ctl 1 -j actors | $PY -c 'import json,sys; s=json.load(sys.stdin)["sessions"]; print(s["timeouts"], s["claims"], s["sessions"], s["lost_byes"], s["fenced"], s["last_flush_ms"], s["flush_rows"], s["hb_sent"], s["frames_in"])')
+STATS_END=$(tail -n1 "$STATE/mc-1.stats")
+if [ "$PERF" = 1 ]; then
+  perf record -g -o "$STATE/perf.data" -p "$PID" -- sleep 10 >/dev/null 2>&1 || true
+  perf report -i "$STATE/perf.data" --no-children --sort symbol --stdio 2>/dev/null \
+      | grep -v '^#' | grep '%' | head -25 >"$STATE/perf.top" || true
+fi
+for p in "${MCPIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+for p in "${MCPIDS[@]}"; do reap "$p"; done
+sleep 5
+RSS2=$(rss_kb "$PID")
+
+$PY - "$N" "$WINDOW" "$HZ" "$RSS0" "$RSS1" "$RSS2" 0 0 "$CPU0" "$CPU1" "$W0" "$W1" \
+    "$ST0" "$ST1" "$MC0" "$MC1" "$C_BEFORE" "$C_AFTER" "${T_UP:-0}" "$LOAD_START" "$LOAD_END" \
+    "$THREADS_CPU" "$STATS_END" <<'EOF'
+import json, sys
+a = sys.argv[1:]
+n, window, hz = int(a[0]), int(a[1]), int(a[2])
+rss0, rss1, rss2, sock0, sock1 = map(int, a[3:8])
+cpu0, cpu1, w0, w1 = map(int, a[8:12])
+st0, st1 = list(map(int, a[12].split())), list(map(int, a[13].split()))
+mc0, mc1 = int(a[14]), int(a[15])
+cb, ca = a[16].split(), a[17].split()
+t_up, load_start, load_end, threads, stats = int(a[18]), a[19], a[20], a[21], a[22]
+secs = (w1 - w0) / 1000.0
+core = lambda d: 100.0 * d / hz / secs
+s = json.loads(stats)
+print("== sessions: %d held by one instance at 1 s heartbeats (all up after %.1f s)" % (s["connected"], t_up / 1000.0))
+print("   timeouts/claims/sessions/lost_byes/fenced before the window: %s; after: %s" % (" ".join(cb), " ".join(ca[:5])))
+print("   mockcloud: reconnects %d, losses %d, failures %d" % (s["reconnects"], s["losses"], s["failures"]))
+print("== memory: cnapid RSS %d KiB before, %d KiB at %d sessions: %.2f KiB per session; %d KiB after they closed"
+      % (rss0, rss1, n, (rss1 - rss0) / n, rss2))
+print("== CPU over a %.1f s steady window (load %s -> %s)" % (secs, load_start, load_end))
+print("   cnapid: %.2f%% of one core (%.2f us per session-second)" % (core(cpu1 - cpu0), (cpu1 - cpu0) / hz / secs / n * 1e6))
+print("   cnapid threads (ticks): %s" % threads.strip())
+print("   postgres (stack): %.2f%%, redis: %.2f%%, mockcloud: %.2f%%"
+      % (core(st1[0] - st0[0]), core(st1[1] - st0[1]), core(mc1 - mc0)))
+print("   last flush: %s ms; hb sent %s, frames in %s" % (ca[5], ca[7], ca[8]))
+EOF
+if [ -s "$STATE/perf.top" ]; then echo "== perf (cnapid, 10 s, top symbols)"; sed 's/^/   /' "$STATE/perf.top"; fi
