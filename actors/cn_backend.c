@@ -34,6 +34,7 @@
 #include "cn_actor.h"
 #include "cn_health.h"
 #include "cn_log.h"
+#include "cn_json.h"
 #include "cn_moray.h"
 #include "cn_msg.h"
 #include "cn_params.h"
@@ -506,7 +507,13 @@ s_list_row (const cn_mobj_t *obj, void *arg)
 {
     list_ctx_t *lc = arg;
     json_error_t jerr;
-    json_t *rec = json_loadb (obj->value, obj->value_len, 0, &jerr);
+    /* The sysinfo is most of a record's text and a list view rarely shows
+     * it: unless asked for (or needed for capacity, or a named field), skip
+     * it without building its tree. */
+    bool need_sysinfo = lc->q->nfields > 0
+                        || (lc->q->extras & (CN_EXTRA_SYSINFO | CN_EXTRA_CAPACITY));
+    json_t *rec = need_sysinfo ? json_loadb (obj->value, obj->value_len, 0, &jerr)
+                               : cn_json_load_without (obj->value, obj->value_len, "sysinfo");
     if (!rec || !json_is_object (rec)) {
         if (rec)
             json_decref (rec);
