@@ -89,6 +89,7 @@ typedef struct {
     int64_t linger_until_ms;    /* LINGER: release then */
     int claim_attempts;
     uint64_t replaces_sid;      /* an older session of this server here */
+    char agent_boot[37];        /* the hello's boot_id ("" = not given) */
     char remote[48];
     zframe_t *hello;            /* CLAIMING: the agent's hello (msgpack) */
     zlistx_t *held;             /* CLAIMING: vm_event frames that came meanwhile */
@@ -164,7 +165,7 @@ typedef struct {
     /* counters */
     uint64_t hellos, claims, takeovers, fenced, releases, swept, claim_failures,
         flushes, flush_rows, lost_byes, resyncs, full_resyncs, channel_msgs, vms_writes,
-        vm_events, writer_failures, publish_failures, store_failures;
+        vm_events, writer_failures, publish_failures, store_failures, duplicates;
     double last_flush_ms;
     char last_error[160];
 } self_t;
@@ -282,6 +283,7 @@ s_row_owned (self_t *self, const owned_t *o, cn_status_row_t *r)
     r->running = true;
     snprintf (r->owner, sizeof r->owner, "%s", self->cfg->instance);
     memcpy (r->owner_boot, self->args->boot_id, 37);
+    memcpy (r->agent_boot, o->agent_boot, 37);
     r->epoch = o->epoch;
     r->last_heartbeat_ms = o->last_heard_ms;
     r->since_ms = o->since_ms;
@@ -613,6 +615,39 @@ s_owned_remove (self_t *self, owned_t *o)
     zhashx_delete (self->owned, o->uuid);
 }
 
+static bool s_alive (self_t *self, const char *owner, const char *boot, const char *redis_val,
+                     bool redis_ok, int64_t now);
+static void s_duplicate (self_t *self, uint64_t sid, const char *uuid, const char *remote,
+                         const char *agent_boot, const char *holder);
+
+/* The stored row says another agent (another boot id) holds this server
+ * on another live instance: o is a duplicate, not a failover (a failover
+ * is the same agent, the same boot id, coming back elsewhere). */
+static bool
+s_held_by_another_agent (self_t *self, const owned_t *o, const cn_status_row_t *old,
+                         int64_t now)
+{
+    if (!old->running || !old->owner[0] || !old->agent_boot[0] || !o->agent_boot[0]
+        || strcmp (old->agent_boot, o->agent_boot) == 0)
+        return false;
+    if (strcmp (old->owner, self->cfg->instance) == 0
+        && strcmp (old->owner_boot, self->args->boot_id) == 0)
+        return false;           /* ours: s_hello decided (that session had ended) */
+    /* the owner's liveness key in Redis is the freshest word */
+    if (cn_redis_ok (self->redis)) {
+        redisReply *r = cn_redis_cmd (self->redis, "GET %s%s", CN_INSTANCE_KEY_PREFIX, old->owner);
+        if (r) {
+            bool answered = r->type == REDIS_REPLY_STRING || r->type == REDIS_REPLY_NIL;
+            bool alive = r->type == REDIS_REPLY_STRING
+                         && (!old->owner_boot[0] || strcmp (r->str, old->owner_boot) == 0);
+            freeReplyObject (r);
+            if (answered)
+                return alive;
+        }
+    }
+    return s_alive (self, old->owner, old->owner_boot, NULL, false, now);
+}
+
 static void
 s_claimed (self_t *self, owned_t *o, const cn_status_row_t *old, const cn_mop_t *op,
            cn_status_row_t *pub)
@@ -691,6 +726,8 @@ s_claim_run (self_t *self)
         cn_mobj_t *objs = calloc (m, sizeof *objs);
         cn_status_row_t *old = calloc (m, sizeof *old), *pub = calloc (m, sizeof *pub);
         bool *had = calloc (m, sizeof *had), *applied = calloc (m, sizeof *applied);
+        bool *dup = calloc (m, sizeof *dup);
+        size_t *idx = calloc (m, sizeof *idx);
         cn_mop_t *ops = calloc (m, sizeof *ops);
         char **texts = calloc (m, sizeof *texts);
         for (size_t i = 0; i < m; i++)
@@ -698,25 +735,33 @@ s_claim_run (self_t *self)
         int rc = s_buckets (self) ? cn_moray_begin (self->moray) : CN_MORAY_EIO;
         if (rc == CN_MORAY_OK)
             rc = cn_moray_get_many_locked (self->moray, CN_BUCKET_STATUS, keys, m, objs);
+        size_t nops = 0;
         if (rc == CN_MORAY_OK) {
             for (size_t i = 0; i < m; i++) {
                 owned_t *o = c[i];
                 had[i] = objs[i].key
                          && cn_status_row_parse (objs[i].value, objs[i].value_len, &old[i]) == 0;
+                if (had[i] && s_held_by_another_agent (self, o, &old[i], now)) {
+                    dup[i] = true;
+                    continue;
+                }
                 o->epoch = (had[i] ? old[i].epoch : 0) + 1;
                 o->since_ms = had[i] && old[i].running ? old[i].since_ms : now;
                 o->last_heard_ms = now;
                 cn_status_row_t r;
                 s_row_owned (self, o, &r);
                 texts[i] = cn_status_row_format (&r);
-                ops[i].kind = CN_MOP_PUT;
-                ops[i].bucket = CN_BUCKET_STATUS;
-                ops[i].key = o->uuid;
-                ops[i].value = texts[i];
+                cn_mop_t *op = &ops[nops];
+                idx[nops++] = i;
+                op->kind = CN_MOP_PUT;
+                op->bucket = CN_BUCKET_STATUS;
+                op->key = o->uuid;
+                op->value = texts[i];
                 /* locked: the etag holds; absent: must still be absent */
-                ops[i].etag = objs[i].key ? objs[i].etag : CN_MORAY_ETAG_NULL;
+                op->etag = objs[i].key ? objs[i].etag : CN_MORAY_ETAG_NULL;
             }
-            rc = cn_moray_batch_partial (self->moray, ops, m, applied);
+            if (nops)
+                rc = cn_moray_batch_partial (self->moray, ops, nops, applied);
             if (rc == CN_MORAY_OK)
                 rc = cn_moray_commit (self->moray);
         }
@@ -744,10 +789,17 @@ s_claim_run (self_t *self)
         else {
             self->claim_backoff = 0;
             size_t npub = 0;
-            for (size_t i = 0; i < m; i++) {
+            for (size_t i = 0; i < m; i++)
+                if (dup[i]) {
+                    owned_t *o = c[i];
+                    s_duplicate (self, o->sid, o->uuid, o->remote, o->agent_boot, old[i].owner);
+                    s_owned_remove (self, o);
+                }
+            for (size_t k = 0; k < nops; k++) {
+                size_t i = idx[k];
                 owned_t *o = c[i];
-                if (applied[i])
-                    s_claimed (self, o, had[i] ? &old[i] : NULL, &ops[i], &pub[npub++]);
+                if (applied[k])
+                    s_claimed (self, o, had[i] ? &old[i] : NULL, &ops[k], &pub[npub++]);
                 else
                 if (++o->claim_attempts < CLAIM_ATTEMPTS)
                     zlistx_add_end (self->batch, o);      /* an insert race: again */
@@ -772,6 +824,8 @@ s_claim_run (self_t *self)
         free (pub);
         free (had);
         free (applied);
+        free (dup);
+        free (idx);
         free (ops);
         free (texts);
     }
@@ -964,11 +1018,55 @@ s_flush (self_t *self, const cn_msg_t *m)
 /* ------------------------------------------------------------------ */
 /* Messages from the hub                                                */
 
+/* The boot_id of a hello frame (lower case) into out ("" when absent). */
+static void
+s_hello_boot (zframe_t *frame, char out[37])
+{
+    cn_msg_t m;
+    char err[64];
+    out[0] = 0;
+    if (!frame || cn_msg_parse (&m, zframe_data (frame), zframe_size (frame), err, sizeof err))
+        return;
+    size_t len = 0;
+    const char *b = cn_msg_str (&m, "boot_id", &len);
+    char tmp[37] = "";
+    if (b && len == 36) {
+        memcpy (tmp, b, 36);
+        if (!cn_uuid_normalize (tmp, out))
+            out[0] = 0;
+    }
+    cn_msg_fini (&m);
+}
+
+/* Refuse a session: another agent (another boot id) holds this server
+ * uuid (bogus SMBIOS uuids happen). The agent backs off and tries again, so
+ * it gets the server once the first one is really gone. */
+static void
+s_duplicate (self_t *self, uint64_t sid, const char *uuid, const char *remote,
+             const char *agent_boot, const char *holder)
+{
+    self->duplicates++;
+    CN_WARN (COMPONENT, "duplicate server uuid: another agent holds this server; session refused",
+             "{s:s,s:s,s:s,s:s}", "server_uuid", uuid, "remote", remote ? remote : "",
+             "agent_boot", agent_boot, "held_by", holder);
+    s_hub_close (self, sid, CN_WS_CLOSE_DUPLICATE,
+                 "duplicate: another agent with this server uuid is connected", NULL);
+}
+
 static void
 s_hello (self_t *self, uint64_t sid, const char *uuid, const char *remote, zframe_t **frame)
 {
     self->hellos++;
     owned_t *prev = zhashx_lookup (self->owned, uuid);
+    char agent_boot[37] = "";
+    s_hello_boot (*frame, agent_boot);
+    if (prev && prev->sid != sid && prev->state == O_OWNED && prev->agent_boot[0]
+        && agent_boot[0] && strcmp (prev->agent_boot, agent_boot) != 0) {
+        /* a live session here from another agent (another boot id) with
+         * the same server uuid: keep the first, refuse this one */
+        s_duplicate (self, sid, uuid, remote, agent_boot, self->cfg->instance);
+        return;
+    }
     uint64_t replaces = 0;
     if (prev && prev->sid != sid && (prev->state == O_OWNED || prev->state == O_CLAIMING))
         replaces = prev->sid;
@@ -988,6 +1086,7 @@ s_hello (self_t *self, uint64_t sid, const char *uuid, const char *remote, zfram
     o->state = O_CLAIMING;
     o->claim_first_ms = o->connected_ms = cn_now_ms ();
     o->replaces_sid = replaces;
+    memcpy (o->agent_boot, agent_boot, 37);
     snprintf (o->remote, sizeof o->remote, "%s", remote ? remote : "");
     o->hello = *frame;
     *frame = NULL;
@@ -1622,7 +1721,7 @@ s_status (self_t *self)
     size_t running = 0, rows = cn_liveness_count (self->live, &running);
     cn_hub_stats_t *h = self->args->stats;
     cn_msgw_t w;
-    cn_msgw_init (&w, "status", 39);
+    cn_msgw_init (&w, "status", 40);
     cn_msgw_str (&w, "actor", "sessions");
     cn_msgw_str (&w, "state", !self->started ? "stopped"
                             : !cn_liveness_loaded (self->live) ? "loading" : "running");
@@ -1644,6 +1743,7 @@ s_status (self_t *self)
     cn_msgw_uint (&w, "claims", self->claims);
     cn_msgw_uint (&w, "takeovers", self->takeovers);
     cn_msgw_uint (&w, "fenced", self->fenced);
+    cn_msgw_uint (&w, "duplicates", self->duplicates);
     cn_msgw_uint (&w, "releases", self->releases);
     cn_msgw_uint (&w, "lost_byes", self->lost_byes);
     cn_msgw_uint (&w, "swept", self->swept);

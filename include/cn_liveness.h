@@ -3,7 +3,8 @@
  * instance answers with (docs/sessions.md).
  *
  * 1. The status row: bucket cnapi_status, key = server uuid, value
- *      {server_uuid, owner, owner_boot, epoch, status, last_heartbeat, since}
+ *      {server_uuid, owner, owner_boot, agent_boot, epoch, status, last_heartbeat,
+ *       since}
  *    owner is the instance name holding the session (null when none),
  *    owner_boot that instance's boot id (a uuid drawn at start: a restarted
  *    instance of the same name is a different owner), epoch grows with every
@@ -50,6 +51,8 @@ typedef struct {
     bool running;             /* status "running"; else "unknown" */
     char owner[64];           /* "" = none */
     char owner_boot[37];      /* "" = none */
+    char agent_boot[37];      /* the agent's boot id from its hello ("" = not given):
+                                 another agent with the same server uuid is a duplicate */
     uint64_t epoch;
     int64_t last_heartbeat_ms;/* 0 = never */
     int64_t since_ms;

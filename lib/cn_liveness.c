@@ -95,6 +95,8 @@ cn_status_row_parse (const char *json, size_t len, cn_status_row_t *out)
     const char *boot = json_string_value (json_object_get (o, "owner_boot"));
     s_copy (r.owner, sizeof r.owner, owner);
     s_copy (r.owner_boot, sizeof r.owner_boot, boot);
+    s_copy (r.agent_boot, sizeof r.agent_boot,
+            json_string_value (json_object_get (o, "agent_boot")));
     (void) s_iso_to_ms (json_string_value (json_object_get (o, "last_heartbeat")),
                         &r.last_heartbeat_ms);
     (void) s_iso_to_ms (json_string_value (json_object_get (o, "since")), &r.since_ms);
@@ -109,10 +111,11 @@ char *
 cn_status_row_format (const cn_status_row_t *r)
 {
     char hb[32], since[32];
-    json_t *o = json_pack ("{s:s,s:s?,s:s?,s:I,s:s,s:s?,s:s}",
+    json_t *o = json_pack ("{s:s,s:s?,s:s?,s:s?,s:I,s:s,s:s?,s:s}",
                            "server_uuid", r->uuid,
                            "owner", r->owner[0] ? r->owner : NULL,
                            "owner_boot", r->owner_boot[0] ? r->owner_boot : NULL,
+                           "agent_boot", r->agent_boot[0] ? r->agent_boot : NULL,
                            "epoch", (json_int_t) r->epoch,
                            "status", r->running ? "running" : "unknown",
                            "last_heartbeat", r->last_heartbeat_ms > 0

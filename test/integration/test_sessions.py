@@ -643,6 +643,46 @@ def test_same_server_on_two_instances(t):
           % (row["epoch"], a.name, s["goaways"]))
 
 
+def test_duplicate_agents_do_not_take_turns(t):
+    """Two real agents (two mockcloud processes, so two boot ids) with the
+    same server uuid, on two instances: the first keeps the server, the
+    second is refused (close 4003) and backs off instead of fencing the
+    first over and over; no takeover, the epoch stays put. When the first
+    agent goes away, the second gets the server."""
+    url, db, ds = _cluster(t, 2)
+    a, b = ds
+    prefix = "5e550005"
+    u = harness.mockcloud_uuid(prefix, 0)
+    m1 = _mockcloud(t, url, a.port, 1, prefix, name="first")
+    _connected(m1, 1)
+    first = _status_rows(db)[u]
+    assert first["status"] == "running" and first.get("agent_boot"), first
+    m2 = _mockcloud(t, url, a.port, 1, prefix, name="second")
+    # the second agent tries (and is refused) a few times: both instances
+    # are in DNS, so it meets the owner's instance and the other one
+    m2.wait_stats(lambda s: s["failures"] >= 3, timeout=30,
+                  desc="the duplicate agent refused a few times")
+    row = _status_rows(db)[u]
+    assert row["owner"] == first["owner"] and row["epoch"] == first["epoch"], (first, row)
+    assert row["agent_boot"] == first["agent_boot"], (first, row)
+    s1, s2 = m1.stats(), m2.stats()
+    assert s1["connected"] == 1 and s1["goaways"] == 0 and s1["losses"] == 0, s1
+    assert s2["connected"] == 0, s2
+    dups = sum(_sessions_actor(d)["duplicates"] for d in ds)
+    assert dups >= 3, dups
+    t.log("duplicate refused %d times (second agent: %d failed attempts), epoch stayed %d"
+          % (dups, s2["failures"], row["epoch"]))
+    # the first one leaves: the second takes the server (its backoff is
+    # capped at 5 s; the first's session is released on its close)
+    m1.stop()
+    _connected(m2, 1)
+    row = harness.wait_until(
+        lambda: (lambda r: r if r["status"] == "running" and r["agent_boot"] != first["agent_boot"]
+                 else None)(_status_rows(db)[u]),
+        timeout=15, desc="the second agent owning the server")
+    assert row["epoch"] > first["epoch"], (first, row)
+
+
 def test_frozen_instance_fenced_when_it_wakes(t):
     """SIGSTOP: the instance's sockets stay open but it says nothing (a hung
     process, a partition). Its agents notice the silence (3 heartbeats) and
