@@ -5,6 +5,7 @@
 #include "cn_test.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 
 #define U1 "930896af-bf8c-48d4-885c-6573a94b1853"
@@ -137,41 +138,48 @@ test_table_many (void)
     cn_liveness_destroy (&t);
 }
 
-/* Readers on other threads while the writer updates. */
+/* Readers on other threads while the writer updates: every copy a reader
+ * gets is one whole row (U1's rows are written running with odd versions
+ * and epochs equal to the version), never a mix of two writes. */
 static cn_liveness_t *s_shared;
-static volatile int s_stop;
+static atomic_int s_stop;
+static atomic_long s_hits, s_torn;
 
 static void *
 s_reader (void *arg)
 {
-    long hits = 0;
-    while (!s_stop) {
+    (void) arg;
+    while (!atomic_load (&s_stop)) {
         cn_status_row_t out;
-        if (cn_liveness_get (s_shared, U1, &out) && strcmp (out.uuid, U1) == 0)
-            hits++;
+        if (cn_liveness_get (s_shared, U1, &out) && strcmp (out.uuid, U1) == 0) {
+            atomic_fetch_add (&s_hits, 1);
+            if (!out.running || out.version % 2 != 1 || (int64_t) out.epoch != out.version)
+                atomic_fetch_add (&s_torn, 1);
+        }
     }
-    return (void *) hits;
+    return NULL;
 }
 
 static void
 test_table_threads (void)
 {
     s_shared = cn_liveness_new ();
+    atomic_store (&s_stop, 0);
     pthread_t th[2];
     for (int i = 0; i < 2; i++)
         pthread_create (&th[i], NULL, s_reader, NULL);
-    for (int v = 1; v <= 20000; v++) {
+    /* at least 20000 writes, and on until the readers have read a few
+     * hundred rows (a loaded machine may not schedule them at once);
+     * bounded by 50 million writes */
+    for (int v = 1; v <= 50000000 && (v <= 20000 || atomic_load (&s_hits) < 500); v++) {
         cn_status_row_t r = s_row (v % 2 ? U1 : U2, v % 2, "w", (uint64_t) v, v);
         cn_liveness_put (s_shared, &r);
     }
-    s_stop = 1;
-    long hits = 0;
-    for (int i = 0; i < 2; i++) {
-        void *h;
-        pthread_join (th[i], &h);
-        hits += (long) h;
-    }
-    CHECK (hits > 0);
+    atomic_store (&s_stop, 1);
+    for (int i = 0; i < 2; i++)
+        pthread_join (th[i], NULL);
+    CHECK (atomic_load (&s_hits) >= 500);
+    CHECK_INT (atomic_load (&s_torn), 0);
     cn_liveness_destroy (&s_shared);
 }
 
