@@ -55,14 +55,18 @@ def _list_all(d, extras=None):
 
 
 def _all_latest(d, prefix, servers, seq):
+    """True when d lists exactly `servers` servers of prefix, each at sysinfo
+    sequence seq; otherwise raises AssertionError saying what is missing
+    (harness.wait_until reports the last one on timeout)."""
     got = _list_all(d, extras="sysinfo")
     mine = {s["uuid"]: s for s in got if s["uuid"].startswith(prefix)}
     if len(mine) != servers:
-        return False, "%d of %d servers" % (len(mine), servers)
+        raise AssertionError("%d of %d servers" % (len(mine), servers))
     behind = [u for u, s in mine.items() if s["sysinfo"].get("Burst Sequence") != seq]
     if behind:
-        return False, "%d servers not at sequence %d (e.g. %s)" % (len(behind), seq, behind[0])
-    return True, "ok"
+        raise AssertionError("%d servers not at sequence %d (e.g. %s)"
+                             % (len(behind), seq, behind[0]))
+    return True
 
 
 def _actors(d):
