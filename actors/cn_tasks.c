@@ -445,12 +445,14 @@ s_expire_waits (self_t *self, int64_t now)
             text = json_dumps (v, CN_BACKEND_JSON_FLAGS);
             json_decref (v);
         }
-        void *cursor = zlistx_first (l);
-        while (cursor) {
-            waiter_t *w = cursor;
-            cursor = zlistx_next (l);
-            if (now < w->deadline_ms)
+        zlistx_t *keep = zlistx_new ();
+        zlistx_set_destructor (keep, s_waiter_free);
+        waiter_t *w;
+        while ((w = zlistx_detach (l, NULL))) {
+            if (now < w->deadline_ms) {
+                zlistx_add_end (keep, w);
                 continue;
+            }
             self->wait_timeouts++;
             if (text)
                 s_reply (self, w->req, 200, strdup (text));
@@ -458,14 +460,16 @@ s_expire_waits (self_t *self, int64_t now)
                 s_reply_error (self, w->req, w->req_id, 503, "ServiceUnavailable",
                                "the store is unreachable");
             self->nwaiters--;
-            void *h = zlistx_find (l, w);
-            if (h)
-                zlistx_delete (l, h);
+            free (w);
         }
         free (text);
         json_decref (rec);
-        if (zlistx_size (l) == 0)
+        if (zlistx_size (keep))
+            zhashx_update (self->waits, k, keep);   /* frees l (empty now) */
+        else {
+            zlistx_destroy (&keep);
             zhashx_delete (self->waits, k);
+        }
     }
     zlistx_destroy (&keys);
 }
@@ -1310,25 +1314,29 @@ s_on_frames (zloop_t *loop, zsock_t *sock, void *arg)
 static void
 s_retry_frames (self_t *self, int64_t now)
 {
-    void *cursor = zlistx_first (self->retry);
-    while (cursor) {
-        fretry_t *r = cursor;
-        cursor = zlistx_next (self->retry);
-        if (now < r->next_ms)
+    /* one pass over the queue, in order (detached from the front, put back
+     * at the end when not settled) */
+    size_t n = zlistx_size (self->retry);
+    for (size_t i = 0; i < n; i++) {
+        fretry_t *r = zlistx_detach (self->retry, NULL);
+        if (!r)
+            break;
+        if (now < r->next_ms) {
+            zlistx_add_end (self->retry, r);
             continue;
+        }
         self->frame_retries++;
-        bool done = s_frame (self, r->sid, r->uuid, zframe_data (r->frame), zframe_size (r->frame));
+        bool done = s_frame (self, r->sid, r->uuid, zframe_data (r->frame),
+                             zframe_size (r->frame));
         if (!done && ++r->attempts < FRAME_RETRY_MAX) {
             r->next_ms = now + FRAME_RETRY_MS;
+            zlistx_add_end (self->retry, r);
             continue;
         }
         if (!done)
-            self->frames_dropped++;
-        void *h = zlistx_find (self->retry, r);
-        if (h)
-            zlistx_delete (self->retry, h);
-        if (!done)
-            break;              /* the store is down: the rest waits a tick */
+            self->frames_dropped++;     /* the agent sends it again after a welcome */
+        void *item = r;
+        s_fretry_free (&item);
     }
 }
 
@@ -1338,10 +1346,13 @@ s_retry_frames (self_t *self, int64_t now)
 static int s_on_sub (zloop_t *loop, zmq_pollitem_t *item, void *arg);
 
 static void
-s_sub_down (self_t *self, const char *why)
+s_sub_down (self_t *self, const char *why_in)
 {
     if (!self->sub_up)
         return;
+    /* why_in may point into the context cn_redis_failed frees */
+    char why[128];
+    snprintf (why, sizeof why, "%s", why_in ? why_in : "error");
     zmq_pollitem_t item = { NULL, self->sub_fd, ZMQ_POLLIN, 0 };
     zloop_poller_end (self->loop, &item);
     self->sub_up = false;
