@@ -13,7 +13,6 @@ import os
 import select
 import signal
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -517,12 +516,10 @@ def test_vm_events_routing_and_store_in_step(t):
     url = ds[0].config["amqp"]["url"]
     pa, pb = "e3e30000", "e3e3bbbb"
     one = harness.mockcloud_uuid(pa, 1)
-    conns = []
     c1, ch_one, q_one = _amqp_queue(url, "vm.event.%s.*" % one)
     c2, ch_all, q_all = _amqp_queue(url, "vm.event.#")
     for conn in (c1, c2):
         t.cleanup(conn.close)
-        conns.append(conn)
 
     lp = harness.free_port("127.0.0.1")
     a = _mockcloud(t, ds, 3, pa, name="mockcloud-a",
@@ -649,6 +646,42 @@ def test_vm_events_routing_and_store_in_step(t):
         return True, "ok"
     harness.wait_until(lambda: b_in_step()[0], timeout=20,
                        desc="B's stored VMs match its last events")
+
+    # The owner also consumes its servers' events from the bus: an event
+    # published only there lands; a stale one changes nothing; a body that
+    # is not JSON, or that names another server than its routing key, is
+    # rejected and the consumer goes on. (In queue order per server: the
+    # last create proves the ones before it were handled.)
+    now = int(time.time() * 1000)
+    before = _api_vms(ds[0], ua[1])[stop1]
+    bus_a, bus_b = str(uuidlib.uuid4()), str(uuidlib.uuid4())
+
+    def ev(u, vu, event, seq, vm=None, rk_server=None):
+        body = {"server_uuid": u, "vm_uuid": vu, "event": event, "seq": seq, "time_ms": now}
+        if vm is not None:
+            body["vm"] = dict(vm, uuid=vu, seq=seq)
+        return ("vm.event.%s.%s" % (rk_server or u, vu), body)
+    vm0 = {"brand": "joyent", "state": "running", "ram": 128, "alias": "bus"}
+    harness.amqp_publish_sysinfo(url, [
+        ev(ua[1], stop1, "state", 1, dict(before, state="provisioning")),     # stale
+        ("vm.event.%s.%s" % (ua[1], bus_b), b"{not json"),
+        ev(ua[0], bus_b, "create", 1, vm0, rk_server=ua[1]),                  # wrong key
+        ev(ua[0], bus_a, "create", 1, vm0),
+        ev(ua[1], bus_b, "create", 1, dict(vm0, alias="bus-b")),
+    ])
+    harness.wait_until(lambda: all(_api_vms(d, ua[0]).get(bus_a, {}).get("alias") == "bus"
+                                   and _api_vms(d, ua[1]).get(bus_b, {}).get("alias") == "bus-b"
+                                   for d in ds), timeout=15,
+                       desc="events published only on the bus stored")
+    for d in ds:
+        assert bus_b not in _api_vms(d, ua[0]), "a mismatched routing key was applied"
+        got = _api_vms(d, ua[1])[stop1]
+        assert (got["state"], got["seq"]) == (before["state"], before["seq"]), (got, before)
+    harness.amqp_publish_sysinfo(url, [ev(ua[0], bus_a, "destroy", 2),
+                                       ev(ua[1], bus_b, "destroy", 2)])
+    harness.wait_until(lambda: all(bus_a not in _api_vms(d, ua[0])
+                                   and bus_b not in _api_vms(d, ua[1]) for d in ds),
+                       timeout=15, desc="destroys published only on the bus applied")
     _stop_clean(a)
 
 
@@ -859,7 +892,7 @@ def test_bad_frames_close_with_the_documented_code(t):
     g.sock = _Capture()
     g.hello(vms={first_vm: dict(vm_obj, uuid=first_vm)}, wait=False)
     g.sock = real_sock
-    for i, byte in enumerate(b"".join(sent)):
+    for byte in b"".join(sent):
         g.send_raw(bytes([byte]))
     kind, w = g.recv_type("welcome", timeout=5)
     assert kind == "msg" and w["instance"] == "cnapi-1", (kind, w)
