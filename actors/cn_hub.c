@@ -409,6 +409,18 @@ s_is_int (const msgpack_object *o)
                  || o->type == MSGPACK_OBJECT_NEGATIVE_INTEGER);
 }
 
+/* o is a string holding a UUID (36 characters, either case). */
+static bool
+s_is_uuid (const msgpack_object *o)
+{
+    char tmp[37], out[37];
+    if (!o || o->type != MSGPACK_OBJECT_STR || o->via.str.size != 36)
+        return false;
+    memcpy (tmp, o->via.str.ptr, 36);
+    tmp[36] = 0;
+    return cn_uuid_normalize (tmp, out);
+}
+
 static void
 s_forward (sess_t *s, const char *type, const void *payload, size_t len)
 {
@@ -513,6 +525,13 @@ s_on_hello (sess_t *s, cn_msg_t *m, const void *payload, size_t len)
         s_fail (s, CN_WS_CLOSE_PROTOCOL, "hello: vms missing or not a map");
         return;
     }
+    for (uint32_t i = 0; i < vms->via.map.size; i++) {
+        const msgpack_object_kv *kv = &vms->via.map.ptr[i];
+        if (!s_is_uuid (&kv->key) || kv->val.type != MSGPACK_OBJECT_MAP) {
+            s_fail (s, CN_WS_CLOSE_PROTOCOL, "hello: vms must map VM uuids to VM objects");
+            return;
+        }
+    }
     s->state = S_CLAIM;
     s_forward (s, "hello", payload, len);
 }
@@ -523,9 +542,9 @@ s_on_vm_event (sess_t *s, cn_msg_t *m, const void *payload, size_t len)
     const msgpack_object *vm_uuid = cn_msg_get (m, "vm_uuid");
     const msgpack_object *event = cn_msg_get (m, "event");
     const msgpack_object *vm = cn_msg_get (m, "vm");
-    if (!vm_uuid || vm_uuid->type != MSGPACK_OBJECT_STR || !s_is_uint (cn_msg_get (m, "seq"))
+    if (!s_is_uuid (vm_uuid) || !s_is_uint (cn_msg_get (m, "seq"))
         || !s_is_int (cn_msg_get (m, "time_ms"))) {
-        s_fail (s, CN_WS_CLOSE_PROTOCOL, "vm_event: vm_uuid, seq or time_ms missing");
+        s_fail (s, CN_WS_CLOSE_PROTOCOL, "vm_event: vm_uuid (a UUID), seq or time_ms missing");
         return;
     }
     bool destroy = s_str_eq (event, "destroy");

@@ -756,6 +756,10 @@ def test_bad_frames_close_with_the_documented_code(t):
         ("hello naming another server", pre,
          [(wsagent.OP_BINARY, wsagent.mp_pack(dict(hello_ok, server_uuid=other)))], 1008,
          ["another server"]),
+        ("hello with a VM key that is not a uuid", pre,
+         [(wsagent.OP_BINARY, wsagent.mp_pack(dict(hello_ok, server_uuid=pre,
+                                                   vms={"x" * 300: {"state": "running"}})))],
+         1002, ["vm uuids"]),
         ("oversized frame", pre, "oversized", 1009, ["1 mib"]),
         ("oversized fragmented message", pre, "oversized-fragmented", 1009, ["1 mib"]),
         # the WebSocket layer itself
@@ -798,6 +802,9 @@ def test_bad_frames_close_with_the_documented_code(t):
          1002, ["unknown"]),
         ("malformed msgpack", [(wsagent.OP_BINARY, b"\xc1\xc1")], 1002, ["malformed"]),
         ("text frame", [(wsagent.OP_TEXT, b'{"type":"hb"}')], 1002, ["text"]),
+        ("vm_event with an empty vm_uuid", [(wsagent.OP_BINARY, wsagent.mp_pack(
+            {"v": 1, "type": "vm_event", "vm_uuid": "", "event": "create", "seq": 1,
+             "time_ms": now, "vm": dict(vm_obj, uuid=evil_vm)}))], 1002, ["vm_uuid"]),
         ("vm_event without seq", [(wsagent.OP_BINARY, wsagent.mp_pack(
             {"v": 1, "type": "vm_event", "vm_uuid": evil_vm, "event": "create",
              "time_ms": now, "vm": dict(vm_obj, uuid=evil_vm)}))], 1002, ["seq"]),
