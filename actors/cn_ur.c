@@ -42,7 +42,6 @@
 #include "cn_ur.h"
 
 #include <errno.h>
-#include <stdarg.h>
 #include <inttypes.h>
 #include <string.h>
 
@@ -57,12 +56,11 @@
 #include "cn_msg.h"
 #include "cn_params.h"
 #include "cn_server.h"
+#include "cn_svc.h"
 #include "cn_urproto.h"
 #include "cn_util.h"
 
 #define COMPONENT "ur"
-#define CT_JSON "application/json"
-#define CT_TEXT "text/plain; charset=utf-8"
 #define S_TIMEOUT_MS 2000         /* connect, login, each setup RPC */
 #define S_HEARTBEAT_S 10
 #define S_TICK_MS 200             /* deadlines and heartbeats */
@@ -128,52 +126,22 @@ s_count (self_t *self, int status)
         self->replies_2xx++;
 }
 
-static void
-s_reply (self_t *self, uint64_t id, int status, const char *ctype, char *body, size_t len)
-{
-    cn_backend_reply_t *r = cn_backend_reply_new (id);
-    r->status = status;
-    r->body = body;
-    r->len = body ? len : 0;
-    r->ctype = body ? ctype : NULL;
-    s_count (self, status);
-    h2o_multithread_send_message (self->args->receiver, &r->super);
-}
-
+/* o taken over */
 static void
 s_reply_json (self_t *self, uint64_t id, int status, json_t *o)
 {
-    char *text = json_dumps (o, CN_BACKEND_JSON_FLAGS);
-    json_decref (o);
-    if (!text)
-        abort ();
-    s_reply (self, id, status, CT_JSON, text, strlen (text));
+    s_count (self, cn_svc_reply_json (self->args->receiver, id, status, o));
 }
 
 static void
 s_reply_apierr (self_t *self, uint64_t id, const char *req_id, const cn_apierr_t *e)
 {
-    char *body = cn_apierr_body (e);
-    if (e->status >= 500)
-        CN_WARN (COMPONENT, "request failed", "{s:s?,s:i,s:s?,s:s}", "req_id", req_id,
-                 "status", e->status, "code", e->code, "message", e->message);
-    s_reply (self, id, e->status, CT_JSON, body, body ? strlen (body) : 0);
+    s_count (self, cn_svc_reply_apierr (self->args->receiver, id, req_id, COMPONENT, e));
 }
 
-static void
-s_reply_error (self_t *self, uint64_t id, const char *req_id, int status, const char *code,
-               const char *fmt, ...)
-{
-    cn_apierr_t e;
-    memset (&e, 0, sizeof e);
-    e.status = status;
-    e.code = code;
-    va_list ap;
-    va_start (ap, fmt);
-    vsnprintf (e.message, sizeof e.message, fmt, ap);
-    va_end (ap);
-    s_reply_apierr (self, id, req_id, &e);
-}
+#define s_reply_error(self, id, req_id, status, code, ...) \
+    s_count ((self), cn_svc_reply_error ((self)->args->receiver, (id), (req_id), COMPONENT, \
+                                         (status), (code), __VA_ARGS__))
 
 /* ---- the broker ---- */
 
@@ -350,13 +318,17 @@ s_on_reply (self_t *self, const amqp_envelope_t *env)
     }
     else
     if (code == 0) {
+        /* the reference answers res.send (stdout.trim ()): restify sends a
+         * string as a JSON string, and sdc-clients parses JSON */
         status = 200;
-        char *text = malloc (so_len + 1);
-        if (!text)
-            abort ();
-        memcpy (text, so, so_len);
-        text[so_len] = 0;
-        s_reply (self, x->id, status, CT_TEXT, text, so_len);
+        size_t a = 0, e = so_len;
+        while (a < e && strchr (" \t\n\r\v\f", so[a]))
+            a++;
+        while (e > a && strchr (" \t\n\r\v\f", so[e - 1]))
+            e--;
+        o = json_stringn (so + a, e - a);
+        if (!o)
+            o = json_string ("");
     }
     else {
         status = 500;

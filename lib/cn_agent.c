@@ -301,18 +301,21 @@ cn_agent_timer_stop (aloop_t *l, atimer_t *t)
     s_timer_stop (l, t);
 }
 
-static void
+/* Runs the heap timers that are due; returns how many ran. */
+static size_t
 s_timers_run (aloop_t *l)
 {
     int64_t now = s_now (l);
     /* bounded: timers armed by callbacks now fire at the earliest next round
      * only if their due time is already past; a callback re-arming itself
      * with delay 0 would spin, so cap the round */
-    for (size_t n = 0; l->hn && l->heap[0]->due <= now && n < 100000; n++) {
+    size_t n = 0;
+    for (; l->hn && l->heap[0]->due <= now && n < 100000; n++) {
         atimer_t *t = l->heap[0];
         s_timer_stop (l, t);
         t->cb (t);
     }
+    return n;
 }
 
 /* The loop's h2o_timeout_t for a duration (created on first use). */
@@ -1220,6 +1223,7 @@ s_loop_thread (void *arg)
     l->start_rc = 0;
     sem_post (&l->ready);
 
+    bool timers_ran = false;
     for (;;) {
         int64_t now = s_now (l);
         if (l->stopping) {
@@ -1232,10 +1236,17 @@ s_loop_thread (void *arg)
             int64_t d = l->heap[0]->due - now;
             wait = d < 0 ? 0 : d > 1000 ? 1000 : (int32_t) d;
         }
+        /* Heap timers run outside h2o_evloop_run: what their callbacks did
+         * to sockets (a write's completion, so the next queued frame of a
+         * session goes out) is only finished by h2o's pending callbacks in
+         * the next run, which would first sleep for up to the wait. Do not
+         * sleep then (it held a task_end behind its vm_state for ~1 s). */
+        if (timers_ran)
+            wait = 0;
         if (l->stopping && wait > 50)
             wait = 50;
         h2o_evloop_run (l->evloop, wait);
-        s_timers_run (l);
+        timers_ran = s_timers_run (l) > 0;
     }
 
 teardown:

@@ -99,13 +99,14 @@ def test_exit_codes_json(t):
 
 
 def test_non_json_mode(t):
-    r = _exec(t, {"script": "printf 'line1\\nline2\\n'"})
+    # as the reference (restify's res.send (stdout.trim ())): a JSON string
+    r = _exec(t, {"script": "printf '  line1\\nline2\\n\\n'"})
     assert r.status == 200, r
-    assert r.headers["content-type"].startswith("text/plain"), r.headers
-    assert r.body == "line1\nline2\n", r.body
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    assert r.body == "line1\nline2", r.body
     # json=false explicitly, form-style string too
     r = _exec(t, {"script": "echo ok", "json": "false"})
-    assert r.status == 200 and r.body == "ok\n", r
+    assert r.status == 200 and r.body == "ok", r
     r = _exec(t, {"script": "echo partial; echo broken >&2; exit 4"})
     assert r.status == 500, r
     assert r.body["code"] == "InternalError" and r.body["exitCode"] == 4, r.body
