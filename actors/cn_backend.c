@@ -28,7 +28,6 @@
 #include "cn_backend.h"
 
 #include <inttypes.h>
-#include <stdarg.h>
 #include <string.h>
 
 #include "cn_actor.h"
@@ -41,6 +40,7 @@
 #include "cn_backend_extra.h"
 #include "cn_redis.h"
 #include "cn_server.h"
+#include "cn_svc.h"
 #include "cn_util.h"
 
 #define COMPONENT "backend"
@@ -189,39 +189,18 @@ s_send (backend_t *self, cn_backend_reply_t *r)
 static void
 s_reply (backend_t *self, uint64_t id, int status, char *body, size_t len)
 {
-    cn_backend_reply_t *r = cn_backend_reply_new (id);
-    r->status = status;
-    r->body = body;
-    r->len = body ? len : 0;
-    r->ctype = body ? CT_JSON : NULL;
-    s_send (self, r);
+    s_count (self, cn_svc_reply (self->args->receiver, id, status, body, len));
 }
 
 static void
 s_reply_apierr (backend_t *self, uint64_t id, const char *req_id, const cn_apierr_t *e)
 {
-    char *body = cn_apierr_body (e);
-    if (e->status >= 500)
-        CN_WARN (self->component, "request failed", "{s:s?,s:i,s:s?,s:s}",
-                 "req_id", req_id, "status", e->status, "code", e->code,
-                 "message", e->message);
-    s_reply (self, id, e->status, body, body ? strlen (body) : 0);
+    s_count (self, cn_svc_reply_apierr (self->args->receiver, id, req_id, self->component, e));
 }
 
-static void
-s_reply_error (backend_t *self, uint64_t id, const char *req_id, int status,
-               const char *code, const char *fmt, ...)
-{
-    cn_apierr_t e;
-    memset (&e, 0, sizeof e);
-    e.status = status;
-    e.code = code;
-    va_list ap;
-    va_start (ap, fmt);
-    vsnprintf (e.message, sizeof e.message, fmt, ap);
-    va_end (ap);
-    s_reply_apierr (self, id, req_id, &e);
-}
+#define s_reply_error(self, id, req_id, status, code, ...) \
+    s_count ((self), cn_svc_reply_error ((self)->args->receiver, (id), (req_id), \
+                                         (self)->component, (status), (code), __VA_ARGS__))
 
 /* ------------------------------------------------------------------ */
 /* Parameters: query string, then body (restify's queryParser and        */

@@ -68,6 +68,7 @@
 #include "cn_log.h"
 #include "cn_msg.h"
 #include "cn_redis.h"
+#include "cn_redis_sub.h"
 #include "cn_server.h"
 #include "cn_tasks.h"
 #include "cn_ur.h"
@@ -221,13 +222,8 @@ struct gw {
     atomic_bool sub_up_flag;
 
     /* invalidation subscription (actor thread) */
-    cn_redis_t *sub;
-    bool sub_up;
-    int sub_fd;
+    cn_redis_sub_t *sub;
     int sub_timer;
-    int64_t sub_last_rx_ms;
-    bool sub_ping_sent;
-    int64_t sub_ping_ms;
 };
 
 static h2o_generator_t s_generator = { NULL, NULL };
@@ -1301,74 +1297,31 @@ s_inval_send (gw_t *gw, int kind, const char *uuid, int64_t version)
     h2o_multithread_send_message (&gw->inval_rx, &m->super);
 }
 
-static int s_on_sub (zloop_t *loop, zmq_pollitem_t *item, void *arg);
-static int s_sub_drain (gw_t *gw);
-
 static void
-s_sub_down (gw_t *gw, const char *why_in)
+s_sub_up (void *arg)
 {
-    if (!gw->sub_up)
-        return;
-    /* why_in may point into the redisContext that cn_redis_failed frees */
-    char why[128];
-    snprintf (why, sizeof why, "%s", why_in ? why_in : "error");
-    zmq_pollitem_t item = { NULL, gw->sub_fd, ZMQ_POLLIN, 0 };
-    zloop_poller_end (gw->loop, &item);
-    gw->sub_up = false;
-    gw->sub_fd = -1;
-    atomic_store (&gw->sub_up_flag, false);
-    cn_redis_failed (gw->sub, why);
-    s_inval_send (gw, INV_DOWN, NULL, 0);
-    CN_WARN (COMPONENT, "invalidation subscription lost", "{s:s}", "reason", why);
-}
-
-static void
-s_sub_try (gw_t *gw)
-{
-    if (gw->sub_up || !cn_redis_ok (gw->sub))
-        return;
-    redisContext *ctx = cn_redis_ctx (gw->sub);
-    redisReply *r = redisCommand (ctx, "SUBSCRIBE %s", CN_REDIS_INVALIDATE_CHANNEL);
-    bool ok = r && r->type == REDIS_REPLY_ARRAY && r->elements >= 1
-              && r->element[0]->type == REDIS_REPLY_STRING
-              && strcmp (r->element[0]->str, "subscribe") == 0;
-    if (r)
-        freeReplyObject (r);
-    if (!ok) {
-        cn_redis_failed (gw->sub, "SUBSCRIBE failed");
-        return;
-    }
-    gw->sub_fd = ctx->fd;
-    zmq_pollitem_t item = { NULL, gw->sub_fd, ZMQ_POLLIN, 0 };
-    if (zloop_poller (gw->loop, &item, s_on_sub, gw) != 0) {
-        cn_redis_failed (gw->sub, "cannot poll the subscription");
-        return;
-    }
-    gw->sub_up = true;
-    gw->sub_last_rx_ms = cn_now_ms ();
-    gw->sub_ping_sent = false;
+    gw_t *gw = arg;
     atomic_store (&gw->sub_up_flag, true);
     s_inval_send (gw, INV_UP, NULL, 0);
-    /* messages that arrived with the SUBSCRIBE answer are already buffered */
-    if (s_sub_drain (gw) != 0)
-        s_sub_down (gw, "protocol error");
     CN_INFO (COMPONENT, "invalidation subscription up", "{s:s}",
              "channel", CN_REDIS_INVALIDATE_CHANNEL);
 }
 
 static void
-s_sub_message (gw_t *gw, redisReply *r)
+s_sub_down (void *arg, const char *why)
 {
-    gw->sub_last_rx_ms = cn_now_ms ();
-    gw->sub_ping_sent = false;
-    if (r->type != REDIS_REPLY_ARRAY || r->elements < 3
-        || r->element[0]->type != REDIS_REPLY_STRING
-        || strcmp (r->element[0]->str, "message") != 0
-        || r->element[2]->type != REDIS_REPLY_STRING)
-        return;                 /* subscribe confirmations, pongs */
-    /* "<uuid> <version>" after an applied change, "<uuid>" after a key was
-     * dropped, "*" after the whole cache was dropped. */
-    const char *s = r->element[2]->str;
+    gw_t *gw = arg;
+    atomic_store (&gw->sub_up_flag, false);
+    s_inval_send (gw, INV_DOWN, NULL, 0);
+    CN_WARN (COMPONENT, "invalidation subscription lost", "{s:s}", "reason", why);
+}
+
+/* "<uuid> <version>" after an applied change, "<uuid>" after a key was
+ * dropped, "*" after the whole cache was dropped. */
+static void
+s_sub_message (void *arg, const char *s)
+{
+    gw_t *gw = arg;
     char raw[40], uuid[37];
     long long version = 0;
     if (strcmp (s, "*") == 0) {
@@ -1383,74 +1336,12 @@ s_sub_message (gw_t *gw, redisReply *r)
     s_inval_send (gw, INV_ONE, uuid, n == 2 ? version : 0);
 }
 
-/* Handle every reply hiredis has buffered; -1 on a protocol error. */
-static int
-s_sub_drain (gw_t *gw)
-{
-    redisContext *ctx = cn_redis_ctx (gw->sub);
-    for (int i = 0; i < 100000; i++) {
-        void *reply = NULL;
-        if (redisGetReplyFromReader (ctx, &reply) != REDIS_OK)
-            return -1;
-        if (!reply)
-            break;
-        s_sub_message (gw, reply);
-        freeReplyObject (reply);
-    }
-    return 0;
-}
-
-static int
-s_on_sub (zloop_t *loop, zmq_pollitem_t *item, void *arg)
-{
-    gw_t *gw = arg;
-    if (!gw->sub_up)
-        return 0;
-    redisContext *ctx = cn_redis_ctx (gw->sub);
-    /* poll said readable: this read does not block */
-    if (redisBufferRead (ctx) != REDIS_OK) {
-        s_sub_down (gw, ctx->errstr[0] ? ctx->errstr : "read failed");
-        return 0;
-    }
-    if (s_sub_drain (gw) != 0)
-        s_sub_down (gw, "protocol error");
-    return 0;
-}
-
 /* Reconnect while down; while up, make sure the connection still answers. */
 static int
 s_on_sub_timer (zloop_t *loop, int timer_id, void *arg)
 {
     gw_t *gw = arg;
-    if (!gw->sub_up) {
-        s_sub_try (gw);
-        return 0;
-    }
-    /* A quiet channel is normal; a PING unanswered is not. */
-    int64_t now = cn_now_ms ();
-    int64_t idle = now - gw->sub_last_rx_ms;
-    int64_t limit = 4 * (int64_t) gw->cfg->redis_timeout_ms;
-    if (limit < 2000)
-        limit = 2000;
-    if (gw->sub_ping_sent && now - gw->sub_ping_ms > limit) {
-        s_sub_down (gw, "no answer to PING");
-        return 0;
-    }
-    if (idle > 3000 && !gw->sub_ping_sent) {
-        redisContext *ctx = cn_redis_ctx (gw->sub);
-        int done = 0;
-        if (redisAppendCommand (ctx, "PING") != REDIS_OK) {
-            s_sub_down (gw, "PING failed");
-            return 0;
-        }
-        for (int i = 0; i < 16 && !done; i++)
-            if (redisBufferWrite (ctx, &done) != REDIS_OK) {
-                s_sub_down (gw, "PING failed");
-                return 0;
-            }
-        gw->sub_ping_sent = true;
-        gw->sub_ping_ms = now;
-    }
+    cn_redis_sub_check (gw->sub);
     return 0;
 }
 
@@ -1531,16 +1422,11 @@ s_stop (gw_t *gw)
         zactor_destroy (&gw->svc_actor[k]);
     cn_hub_destroy (&gw->hub);
     /* the subscription */
-    if (gw->sub_up) {
-        zmq_pollitem_t item = { NULL, gw->sub_fd, ZMQ_POLLIN, 0 };
-        zloop_poller_end (gw->loop, &item);
-        gw->sub_up = false;
-    }
     if (gw->sub_timer > 0) {
         zloop_timer_end (gw->loop, gw->sub_timer);
         gw->sub_timer = 0;
     }
-    cn_redis_destroy (&gw->sub);
+    cn_redis_sub_destroy (&gw->sub);
     /* 3. the services and the backends (nobody sends replies after this) */
     for (int k = 0; k < SVC_COUNT; k++) {
         zactor_destroy (&gw->svc_actor[k]);
@@ -1741,10 +1627,15 @@ s_start (gw_t *gw, char *reason, size_t rlen)
         goto fail;
 
     /* invalidations for the near cache */
-    gw->sub = cn_redis_new (cfg->redis_url, cfg->redis_timeout_ms, "gateway");
-    gw->sub_fd = -1;
+    gw->sub = cn_redis_sub_new (cfg->redis_url, cfg->redis_timeout_ms, "gateway",
+                                CN_REDIS_INVALIDATE_CHANNEL);
+    if (!gw->sub) {
+        snprintf (reason, rlen, "out of memory");
+        goto fail;
+    }
+    cn_redis_sub_attach (gw->sub, gw->loop, s_sub_message, s_sub_up, s_sub_down, gw);
     gw->sub_timer = zloop_timer (gw->loop, 1000, 0, s_on_sub_timer, gw);
-    s_sub_try (gw);
+    cn_redis_sub_try (gw->sub);
 
     /* the h2o thread (thread creation orders everything above before it) */
     atomic_store (&gw->stop, false);

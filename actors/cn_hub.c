@@ -42,6 +42,7 @@
 #include <netinet/in.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 
 #include <czmq.h>
@@ -347,6 +348,17 @@ s_on_dead (h2o_timeout_entry_t *entry)
     if (s->state == S_CLOSING) {
         /* the linger is over */
         s_close_socket (s);
+        return;
+    }
+    /* Bytes the kernel holds for us are not silence. h2o's loop reads at
+     * most one epoll batch (256 sockets) between two timer runs, so with
+     * thousands of sessions and a thread that fell behind (CPU starved) a
+     * heartbeat can wait unread for seconds: without this check thousands
+     * of live sessions were closed at once (docs/benchmarks.md, "Sessions
+     * (issue 3)"). Look again one interval after they are read. */
+    int unread = 0;
+    if (s->sock && ioctl (h2o_socket_get_fd (s->sock), FIONREAD, &unread) == 0 && unread > 0) {
+        h2o_timeout_link (s->hub->loop, &s->hub->dead_to, &s->dead);
         return;
     }
     atomic_fetch_add_explicit (&s->hub->stats.timeouts, 1, memory_order_relaxed);

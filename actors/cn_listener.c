@@ -158,31 +158,12 @@ typedef struct {
 
 /* ---- in-flight table: uint64 tags as keys, no allocation per key ---- */
 
-static size_t
-s_tag_hash (const void *key)
-{
-    uint64_t x = (uint64_t) (uintptr_t) key;
-    x ^= x >> 33;
-    x *= UINT64_C (0xff51afd7ed558ccd);
-    x ^= x >> 33;
-    return (size_t) x;
-}
-
-static int
-s_tag_cmp (const void *a, const void *b)
-{
-    uintptr_t x = (uintptr_t) a, y = (uintptr_t) b;
-    return x == y ? 0 : (x < y ? -1 : 1);
-}
-
 static void
 s_flight_free (void **item)
 {
     free (*item);
     *item = NULL;
 }
-
-#define S_KEY(tag) ((void *) (uintptr_t) (tag))
 
 static self_t *
 s_new (zsock_t *pipe, const cn_config_t *cfg)
@@ -195,10 +176,7 @@ s_new (zsock_t *pipe, const cn_config_t *cfg)
     self->state = S_IDLE;
     self->flights = zhashx_new ();
     assert (self->flights);
-    zhashx_set_key_duplicator (self->flights, NULL);
-    zhashx_set_key_destructor (self->flights, NULL);
-    zhashx_set_key_hasher (self->flights, s_tag_hash);
-    zhashx_set_key_comparator (self->flights, s_tag_cmp);
+    cn_tag_keys (self->flights);
     zhashx_set_destructor (self->flights, s_flight_free);
     return self;
 }
@@ -612,7 +590,7 @@ s_hand_over (self_t *self, cn_msgw_t *w, uint64_t tag, const char *uuid, const c
     fl->redelivered = self->m_redelivered;
     memcpy (fl->uuid, uuid, sizeof fl->uuid);
     snprintf (fl->rk, sizeof fl->rk, "%s", rk);
-    int rc = zhashx_insert (self->flights, S_KEY (tag), fl);
+    int rc = zhashx_insert (self->flights, CN_TAG_KEY (tag), fl);
     if (rc != 0) {
         /* The broker never repeats a delivery tag on a channel. */
         CN_FATAL (S_COMPONENT, "duplicate delivery tag", "{s:I}", "tag", (json_int_t) tag);
@@ -829,7 +807,7 @@ s_result (self_t *self, const void *data, size_t size)
         return;
     }
     cn_msg_bool (&m, "retry", &retry);
-    s_flight_t *fl = zhashx_lookup (self->flights, S_KEY (tag));
+    s_flight_t *fl = zhashx_lookup (self->flights, CN_TAG_KEY (tag));
     if (!fl || !self->conn || (tag >> S_TAG_BITS) != self->gen) {
         /* Its connection is gone; the broker has redelivered it. */
         CN_DEBUG (S_COMPONENT, "result for a void delivery ignored", "{s:I}",
@@ -847,7 +825,7 @@ s_result (self_t *self, const void *data, size_t size)
     if (ok) {
         self->retry_attempt = 0;
         uint64_t dtag = fl->dtag;
-        zhashx_delete (self->flights, S_KEY (tag));
+        zhashx_delete (self->flights, CN_TAG_KEY (tag));
         s_ack (self, dtag);
     }
     else if (!retry) {
@@ -865,7 +843,7 @@ s_result (self_t *self, const void *data, size_t size)
         free (message);
         free (outcome);
         uint64_t dtag = fl->dtag;
-        zhashx_delete (self->flights, S_KEY (tag));
+        zhashx_delete (self->flights, CN_TAG_KEY (tag));
         s_reject (self, dtag, false);
     }
     else {

@@ -55,6 +55,7 @@
 #include "cn_moray.h"
 #include "cn_msg.h"
 #include "cn_redis.h"
+#include "cn_redis_sub.h"
 #include "cn_server.h"
 #include "cn_util.h"
 #include "cn_vmevents.h"
@@ -135,13 +136,9 @@ typedef struct {
     cn_vmevents_args_t *vmevents_args;
 
     /* subscription to cnapi:status */
-    cn_redis_t *sub;
-    bool sub_up;
-    int sub_fd;
-    int64_t sub_last_rx_ms;
-    bool sub_ping_sent;
-    int64_t sub_ping_ms;
+    cn_redis_sub_t *sub;
     bool resync_full_due;
+    bool release_due;           /* a bye made a LINGER entry due now */
 
     zhashx_t *owned;            /* uuid -> owned_t */
     zhashx_t *wpending;         /* tag -> wctx_t */
@@ -172,25 +169,6 @@ typedef struct {
 
 /* ------------------------------------------------------------------ */
 /* Small helpers                                                        */
-
-static size_t
-s_tag_hash (const void *key)
-{
-    uint64_t x = (uint64_t) (uintptr_t) key;
-    x ^= x >> 33;
-    x *= UINT64_C (0xff51afd7ed558ccd);
-    x ^= x >> 33;
-    return (size_t) x;
-}
-
-static int
-s_tag_cmp (const void *a, const void *b)
-{
-    uintptr_t x = (uintptr_t) a, y = (uintptr_t) b;
-    return x == y ? 0 : (x < y ? -1 : 1);
-}
-
-#define S_KEY(tag) ((void *) (uintptr_t) (tag))
 
 static void
 s_wctx_free (void **item)
@@ -322,7 +300,7 @@ s_publish (self_t *self, const cn_status_row_t *rows, size_t n)
 static void
 s_writer_send (self_t *self, cn_msgw_t *w, wctx_t *c, uint64_t tag)
 {
-    zhashx_insert (self->wpending, S_KEY (tag), c);
+    zhashx_insert (self->wpending, CN_TAG_KEY (tag), c);
     zframe_t *f = cn_msgw_frame (w);
     zframe_send (&f, self->writer, 0);
 }
@@ -450,7 +428,7 @@ s_on_writer (self_t *self)
         char *message = cn_msg_strdup (&m, "message");
         cn_msg_fini (&m);
         zframe_destroy (&f);
-        wctx_t *c = zhashx_lookup (self->wpending, S_KEY (tag));
+        wctx_t *c = zhashx_lookup (self->wpending, CN_TAG_KEY (tag));
         if (!c) {
             free (message);
             continue;
@@ -500,7 +478,7 @@ s_on_writer (self_t *self)
                      "status", (int) status, "message", message);
         }
         free (message);
-        zhashx_delete (self->wpending, S_KEY (tag));
+        zhashx_delete (self->wpending, CN_TAG_KEY (tag));
     }
 }
 
@@ -906,10 +884,23 @@ s_release (self_t *self, owned_t **v, size_t k)
     }
 }
 
+/* Release every lingering session that is due, in one batch (at the end of
+ * a wake-up in which a bye asked for a release now). */
 static void
-s_release_one (self_t *self, owned_t *o)
+s_release_due (self_t *self)
 {
-    s_release (self, &o, 1);
+    self->release_due = false;
+    int64_t now = cn_now_ms ();
+    size_t n = zhashx_size (self->owned), k = 0;
+    owned_t **due = calloc (n ? n : 1, sizeof *due);
+    if (!due)
+        abort ();
+    for (owned_t *o = zhashx_first (self->owned); o; o = zhashx_next (self->owned))
+        if (o->state == O_LINGER && now >= o->linger_until_ms)
+            due[k++] = o;
+    if (k)
+        s_release (self, due, k);
+    free (due);
 }
 
 /* flush {now_ms, sessions: [[sid, last_heard_ms], ...]} */
@@ -922,10 +913,7 @@ s_flush (self_t *self, const cn_msg_t *m)
     int64_t t0 = cn_mono_us ();
     /* sid -> last heard */
     zhashx_t *heard = zhashx_new ();
-    zhashx_set_key_duplicator (heard, NULL);
-    zhashx_set_key_destructor (heard, NULL);
-    zhashx_set_key_hasher (heard, s_tag_hash);
-    zhashx_set_key_comparator (heard, s_tag_cmp);
+    cn_tag_keys (heard);
     for (uint32_t i = 0; i < list->via.array.size; i++) {
         const msgpack_object *e = &list->via.array.ptr[i];
         if (e->type != MSGPACK_OBJECT_ARRAY || e->via.array.size != 2
@@ -933,7 +921,7 @@ s_flush (self_t *self, const cn_msg_t *m)
             || e->via.array.ptr[1].type != MSGPACK_OBJECT_POSITIVE_INTEGER)
             continue;
         uint64_t t = e->via.array.ptr[1].via.u64;
-        zhashx_insert (heard, S_KEY (e->via.array.ptr[0].via.u64),
+        zhashx_insert (heard, CN_TAG_KEY (e->via.array.ptr[0].via.u64),
                        (void *) (uintptr_t) (t ? t : 1));
     }
     size_t n = zhashx_size (self->owned), k = 0, nlost = 0;
@@ -941,7 +929,7 @@ s_flush (self_t *self, const cn_msg_t *m)
     for (owned_t *o = zhashx_first (self->owned); o; o = zhashx_next (self->owned)) {
         if (o->state != O_OWNED)
             continue;
-        uintptr_t t = (uintptr_t) zhashx_lookup (heard, S_KEY (o->sid));
+        uintptr_t t = (uintptr_t) zhashx_lookup (heard, CN_TAG_KEY (o->sid));
         if (!t) {
             lost[nlost++] = o;      /* a bye we never got */
             continue;
@@ -1116,8 +1104,13 @@ s_bye (self_t *self, uint64_t sid, const char *uuid, const char *reason)
         o->linger_until_ms = cn_now_ms () + self->cfg->session_close_grace_ms;
         return;
     }
+    /* released at the end of this wake-up together with every other
+     * session that ended meanwhile: one statement per CHUNK rows. One
+     * statement per session held this actor for seconds when thousands
+     * timed out at once (docs/benchmarks.md, "Sessions (issue 3)") */
     o->state = O_LINGER;
-    s_release_one (self, o);
+    o->linger_until_ms = 0;
+    self->release_due = true;
 }
 
 static void
@@ -1211,6 +1204,8 @@ s_on_pull (zloop_t *loop, zsock_t *pull, void *arg)
         zframe_destroy (&f);
     }
     s_claim_run (self);
+    if (self->release_due)
+        s_release_due (self);
     return 0;
 }
 
@@ -1224,35 +1219,26 @@ s_on_writer_sock (zloop_t *loop, zsock_t *sock, void *arg)
 /* ------------------------------------------------------------------ */
 /* The subscription to cnapi:status                                     */
 
-static int s_on_sub (zloop_t *loop, zmq_pollitem_t *item, void *arg);
+static void
+s_sub_up (void *arg)
+{
+    self_t *self = arg;
+    /* whatever happened while we were not listening: read it all */
+    self->resync_full_due = true;
+    CN_INFO (COMPONENT, "status subscription up", "{s:s}", "channel", CN_STATUS_CHANNEL);
+}
 
 static void
-s_sub_down (self_t *self, const char *why_in)
+s_sub_down (void *arg, const char *why)
 {
-    if (!self->sub_up)
-        return;
-    char why[128];
-    snprintf (why, sizeof why, "%s", why_in ? why_in : "error");
-    zmq_pollitem_t item = { NULL, self->sub_fd, ZMQ_POLLIN, 0 };
-    zloop_poller_end (self->loop, &item);
-    self->sub_up = false;
-    self->sub_fd = -1;
-    cn_redis_failed (self->sub, why);
     CN_WARN (COMPONENT, "status subscription lost; resyncing from the store every second",
              "{s:s}", "reason", why);
 }
 
 static void
-s_sub_message (self_t *self, redisReply *r)
+s_sub_message (void *arg, const char *s)
 {
-    self->sub_last_rx_ms = cn_now_ms ();
-    self->sub_ping_sent = false;
-    if (r->type != REDIS_REPLY_ARRAY || r->elements < 3
-        || r->element[0]->type != REDIS_REPLY_STRING
-        || strcmp (r->element[0]->str, "message") != 0
-        || r->element[2]->type != REDIS_REPLY_STRING)
-        return;
-    const char *s = r->element[2]->str;
+    self_t *self = arg;
     cn_status_row_t row;
     if (cn_status_message_parse (s, &row) != 0) {
         CN_WARN (COMPONENT, "bad status message", "{s:s}", "message", s);
@@ -1278,102 +1264,6 @@ s_sub_message (self_t *self, redisReply *r)
         row.since_ms = cn_now_ms ();
     if (cn_liveness_put (self->live, &row))
         s_check_fenced (self, &row);
-}
-
-static int
-s_sub_drain (self_t *self)
-{
-    redisContext *ctx = cn_redis_ctx (self->sub);
-    for (int i = 0; i < 100000; i++) {
-        void *reply = NULL;
-        if (redisGetReplyFromReader (ctx, &reply) != REDIS_OK)
-            return -1;
-        if (!reply)
-            break;
-        s_sub_message (self, reply);
-        freeReplyObject (reply);
-    }
-    return 0;
-}
-
-static void
-s_sub_try (self_t *self)
-{
-    if (self->sub_up || !cn_redis_ok (self->sub))
-        return;
-    redisContext *ctx = cn_redis_ctx (self->sub);
-    redisReply *r = redisCommand (ctx, "SUBSCRIBE %s", CN_STATUS_CHANNEL);
-    bool ok = r && r->type == REDIS_REPLY_ARRAY && r->elements >= 1
-              && r->element[0]->type == REDIS_REPLY_STRING
-              && strcmp (r->element[0]->str, "subscribe") == 0;
-    if (r)
-        freeReplyObject (r);
-    if (!ok) {
-        cn_redis_failed (self->sub, "SUBSCRIBE failed");
-        return;
-    }
-    self->sub_fd = ctx->fd;
-    zmq_pollitem_t item = { NULL, self->sub_fd, ZMQ_POLLIN, 0 };
-    if (zloop_poller (self->loop, &item, s_on_sub, self) != 0) {
-        cn_redis_failed (self->sub, "cannot poll the subscription");
-        return;
-    }
-    self->sub_up = true;
-    self->sub_last_rx_ms = cn_now_ms ();
-    self->sub_ping_sent = false;
-    /* whatever happened while we were not listening: read it all */
-    self->resync_full_due = true;
-    if (s_sub_drain (self) != 0)
-        s_sub_down (self, "protocol error");
-    CN_INFO (COMPONENT, "status subscription up", "{s:s}", "channel", CN_STATUS_CHANNEL);
-}
-
-static int
-s_on_sub (zloop_t *loop, zmq_pollitem_t *item, void *arg)
-{
-    self_t *self = arg;
-    if (!self->sub_up)
-        return 0;
-    redisContext *ctx = cn_redis_ctx (self->sub);
-    if (redisBufferRead (ctx) != REDIS_OK) {
-        s_sub_down (self, ctx->errstr[0] ? ctx->errstr : "read failed");
-        return 0;
-    }
-    if (s_sub_drain (self) != 0)
-        s_sub_down (self, "protocol error");
-    return 0;
-}
-
-static void
-s_sub_check (self_t *self)
-{
-    if (!self->sub_up) {
-        s_sub_try (self);
-        return;
-    }
-    int64_t now = cn_now_ms ();
-    int64_t limit = 4 * (int64_t) self->cfg->redis_timeout_ms;
-    if (limit < 2000)
-        limit = 2000;
-    if (self->sub_ping_sent && now - self->sub_ping_ms > limit) {
-        s_sub_down (self, "no answer to PING");
-        return;
-    }
-    if (now - self->sub_last_rx_ms > 3000 && !self->sub_ping_sent) {
-        redisContext *ctx = cn_redis_ctx (self->sub);
-        int done = 0;
-        if (redisAppendCommand (ctx, "PING") != REDIS_OK) {
-            s_sub_down (self, "PING failed");
-            return;
-        }
-        for (int i = 0; i < 16 && !done; i++)
-            if (redisBufferWrite (ctx, &done) != REDIS_OK) {
-                s_sub_down (self, "PING failed");
-                return;
-            }
-        self->sub_ping_sent = true;
-        self->sub_ping_ms = now;
-    }
 }
 
 /* ------------------------------------------------------------------ */
@@ -1683,7 +1573,7 @@ s_on_tick (zloop_t *loop, int timer_id, void *arg)
     if (now >= self->next_beat_ms) {
         self->next_beat_ms = now + 1000;
         s_beat (self);
-        s_sub_check (self);
+        cn_redis_sub_check (self->sub);
     }
     if (now >= self->next_resync_ms || self->resync_full_due
         || !cn_liveness_loaded (self->live)) {
@@ -1694,7 +1584,7 @@ s_on_tick (zloop_t *loop, int timer_id, void *arg)
             self->resync_full_due = false;
             self->next_full_resync_ms = now + FULL_RESYNC_MS;
         }
-        self->next_resync_ms = now + (self->sub_up ? RESYNC_MS : RESYNC_DOWN_MS);
+        self->next_resync_ms = now + (cn_redis_sub_up (self->sub) ? RESYNC_MS : RESYNC_DOWN_MS);
     }
     if (now >= self->next_sweep_ms) {
         self->next_sweep_ms = now + 1000;
@@ -1763,7 +1653,7 @@ s_status (self_t *self)
     cn_msgw_uint (&w, "table_running", running);
     cn_msgw_bool (&w, "pg", cn_moray_connected (self->moray));
     cn_msgw_bool (&w, "redis", cn_redis_connected (self->redis));
-    cn_msgw_bool (&w, "subscription", self->sub_up);
+    cn_msgw_bool (&w, "subscription", cn_redis_sub_up (self->sub));
     cn_msgw_str (&w, "last_error", self->last_error);
     return cn_msgw_frame (&w);
 }
@@ -1852,7 +1742,8 @@ s_start (self_t *self, char *reason, size_t rlen)
     self->started_ms = cn_now_ms ();
     self->moray = cn_moray_new (cfg->pg_conninfo, cfg->pg_timeout_ms);
     self->redis = cn_redis_new (cfg->redis_url, cfg->redis_timeout_ms, COMPONENT);
-    self->sub = cn_redis_new (cfg->redis_url, cfg->redis_timeout_ms, "sessions-sub");
+    self->sub = cn_redis_sub_new (cfg->redis_url, cfg->redis_timeout_ms, "sessions-sub",
+                                  CN_STATUS_CHANNEL);
     self->pull = zsock_new (ZMQ_PULL);
     self->writer = zsock_new (ZMQ_DEALER);
     if (!self->moray || !self->redis || !self->sub || !self->pull || !self->writer) {
@@ -1889,7 +1780,8 @@ s_start (self_t *self, char *reason, size_t rlen)
     s_beat (self);
     self->next_beat_ms = self->started_ms + 1000;
     self->next_sweep_ms = self->started_ms + 1000;
-    s_sub_try (self);
+    cn_redis_sub_attach (self->sub, self->loop, s_sub_message, s_sub_up, s_sub_down, self);
+    cn_redis_sub_try (self->sub);
 
     cn_vmevents_args_t *va = calloc (1, sizeof *va);
     if (!va)
@@ -1990,15 +1882,11 @@ cn_sessions_actor (zsock_t *pipe, void *args)
     self->cfg = self->args->cfg;
     self->live = self->args->live;
     self->pipe = pipe;
-    self->sub_fd = -1;
     self->loop = zloop_new ();
     self->owned = zhashx_new ();
     zhashx_set_destructor (self->owned, s_owned_free);
     self->wpending = zhashx_new ();
-    zhashx_set_key_duplicator (self->wpending, NULL);
-    zhashx_set_key_destructor (self->wpending, NULL);
-    zhashx_set_key_hasher (self->wpending, s_tag_hash);
-    zhashx_set_key_comparator (self->wpending, s_tag_cmp);
+    cn_tag_keys (self->wpending);
     zhashx_set_destructor (self->wpending, s_wctx_free);
     self->batch = zlistx_new ();
     self->instances = zhashx_new ();
@@ -2013,10 +1901,7 @@ cn_sessions_actor (zsock_t *pipe, void *args)
     s_stop (self);
     zactor_destroy (&self->vmevents);
     free (self->vmevents_args);
-    if (self->sub_up) {
-        zmq_pollitem_t item = { NULL, self->sub_fd, ZMQ_POLLIN, 0 };
-        zloop_poller_end (self->loop, &item);
-    }
+    cn_redis_sub_destroy (&self->sub);
     zloop_destroy (&self->loop);
     zsock_destroy (&self->pull);
     zsock_destroy (&self->writer);
@@ -2028,6 +1913,5 @@ cn_sessions_actor (zsock_t *pipe, void *args)
     zhashx_destroy (&self->dead_since);
     cn_moray_destroy (&self->moray);
     cn_redis_destroy (&self->redis);
-    cn_redis_destroy (&self->sub);
     free (self);
 }

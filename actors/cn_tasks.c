@@ -41,7 +41,6 @@
 #include "cn_tasks.h"
 
 #include <inttypes.h>
-#include <stdarg.h>
 #include <string.h>
 
 #include "cn_actor.h"
@@ -53,14 +52,25 @@
 #include "cn_msg.h"
 #include "cn_params.h"
 #include "cn_redis.h"
+#include "cn_redis_sub.h"
 #include "cn_server.h"
+#include "cn_svc.h"
 #include "cn_util.h"
 
 #define COMPONENT "tasks"
-#define CT_JSON "application/json"
 #define TICK_MS 100
 #define DRAIN_MAX 1000
+/* requests taken per loop pass: each may be a store commit, and the agent
+ * dispatches (cn_httpc, the same loop) only progress between passes, so a
+ * long drain delays every POST behind it (issue 4 benchmarks) */
+#define REQ_DRAIN_MAX 16
 #define CAS_ATTEMPTS 8
+/* 202s whose "dispatched" mark is written together, in one transaction,
+ * every MARKS_MS (at most MARKS_MAX a pass): one commit for many tasks
+ * instead of a read + CAS + commit each on the dispatch path (issue 4
+ * benchmarks, docs/benchmarks.md "Tasks") */
+#define MARKS_MS 5
+#define MARKS_MAX 500
 #define POLL_DOWN_MS 1000           /* waits: store reads while the channel is down */
 #define POLL_SAFETY_MS 5000         /* ... and this often anyway */
 #define FRAME_RETRY_MS 1000
@@ -114,18 +124,15 @@ struct self {
     bool bucket_ready;
     cn_moray_t *moray;
     cn_redis_t *redis;
-    cn_redis_t *sub;
-    bool sub_up;
-    int sub_fd;
-    int64_t sub_last_rx_ms;
-    bool sub_ping_sent;
-    int64_t sub_ping_ms;
+    cn_redis_sub_t *sub;
     cn_httpc_t *http;
     hctx_t hctx;                /* list anchor of requests in flight */
     zhashx_t *waits;            /* task id -> zlistx_t of waiter_t */
     size_t nwaiters;
     zhashx_t *checking;         /* task ids with a sweep check in flight */
     zlistx_t *retry;            /* fretry_t */
+    char (*marks)[37];          /* task ids accepted (202), not yet marked */
+    size_t nmarks, capmarks;
     int64_t next_poll_ms, next_safety_ms, next_sweep_ms, next_sub_check_ms;
 
     /* counters */
@@ -148,46 +155,25 @@ s_set_error (self_t *self, const char *what, const char *err)
 static void
 s_reply (self_t *self, uint64_t id, int status, char *body)
 {
-    cn_backend_reply_t *r = cn_backend_reply_new (id);
-    r->status = status;
-    r->body = body;
-    r->len = body ? strlen (body) : 0;
-    r->ctype = body ? CT_JSON : NULL;
-    h2o_multithread_send_message (self->args->receiver, &r->super);
+    cn_svc_reply (self->args->receiver, id, status, body, body ? strlen (body) : 0);
 }
 
+/* j is not taken over */
 static void
 s_reply_json (self_t *self, uint64_t id, int status, const json_t *j)
 {
-    char *text = json_dumps (j, CN_BACKEND_JSON_FLAGS);
-    if (!text)
-        abort ();
-    s_reply (self, id, status, text);
+    cn_svc_reply_json (self->args->receiver, id, status, json_incref ((json_t *) j));
 }
 
 static void
 s_reply_apierr (self_t *self, uint64_t id, const char *req_id, const cn_apierr_t *e)
 {
-    if (e->status >= 500)
-        CN_WARN (COMPONENT, "request failed", "{s:s?,s:i,s:s?,s:s}", "req_id", req_id,
-                 "status", e->status, "code", e->code, "message", e->message);
-    s_reply (self, id, e->status, cn_apierr_body (e));
+    cn_svc_reply_apierr (self->args->receiver, id, req_id, COMPONENT, e);
 }
 
-static void
-s_reply_error (self_t *self, uint64_t id, const char *req_id, int status, const char *code,
-               const char *fmt, ...)
-{
-    cn_apierr_t e;
-    memset (&e, 0, sizeof e);
-    e.status = status;
-    e.code = code;
-    va_list ap;
-    va_start (ap, fmt);
-    vsnprintf (e.message, sizeof e.message, fmt, ap);
-    va_end (ap);
-    s_reply_apierr (self, id, req_id, &e);
-}
+#define s_reply_error(self, id, req_id, status, code, ...) \
+    cn_svc_reply_error ((self)->args->receiver, (id), (req_id), COMPONENT, (status), (code), \
+                        __VA_ARGS__)
 
 /* ------------------------------------------------------------------ */
 /* The store                                                            */
@@ -332,10 +318,73 @@ s_apply_fail (json_t *rec, void *arg)
     return cn_task_fail (rec, a->code, a->message, cn_now_ms ());
 }
 
-static int
-s_apply_dispatched (json_t *rec, void *arg)
+/* Write the pending "dispatched" marks: lock the records, set the flag on
+ * those still active, put them in one statement, commit. A failure is
+ * logged and the marks are dropped (as a failed single write was). */
+static void
+s_flush_marks (self_t *self)
 {
-    return cn_task_set_dispatched (rec);
+    size_t n = self->nmarks < MARKS_MAX ? self->nmarks : MARKS_MAX;
+    if (n == 0)
+        return;
+    const char **keys = calloc (n, sizeof *keys);
+    cn_mobj_t *objs = calloc (n, sizeof *objs);
+    cn_mop_t *ops = calloc (n, sizeof *ops);
+    char **texts = calloc (n, sizeof *texts);
+    if (!keys || !objs || !ops || !texts)
+        abort ();
+    for (size_t i = 0; i < n; i++)
+        keys[i] = self->marks[i];
+    size_t nops = 0;
+    int rc = s_bucket (self) ? cn_moray_begin (self->moray) : CN_MORAY_EIO;
+    if (rc == CN_MORAY_OK)
+        rc = cn_moray_get_many_locked (self->moray, CN_BUCKET_TASKS, keys, n, objs);
+    if (rc == CN_MORAY_OK) {
+        for (size_t i = 0; i < n; i++) {
+            if (!objs[i].key)
+                continue;
+            json_error_t jerr;
+            json_t *rec = json_loadb (objs[i].value, objs[i].value_len, 0, &jerr);
+            if (json_is_object (rec) && cn_task_set_dispatched (rec) > 0) {
+                texts[nops] = json_dumps (rec, JSON_COMPACT);
+                if (!texts[nops])
+                    abort ();
+                ops[nops] = (cn_mop_t) { .kind = CN_MOP_PUT, .bucket = CN_BUCKET_TASKS,
+                                         .key = keys[i], .value = texts[nops],
+                                         .etag = objs[i].etag };
+                nops++;
+            }
+            json_decref (rec);
+        }
+        if (nops)
+            rc = cn_moray_batch (self->moray, ops, nops, NULL);
+        if (rc == CN_MORAY_OK)
+            rc = cn_moray_commit (self->moray);
+    }
+    if (rc != CN_MORAY_OK) {
+        cn_moray_rollback (self->moray);
+        self->store_failures++;
+        s_set_error (self, "dispatched", cn_moray_errmsg (self->moray));
+        CN_WARN (COMPONENT, "cannot mark tasks dispatched", "{s:i,s:s}", "tasks", (int) n,
+                 "error", cn_moray_errmsg (self->moray));
+    }
+    for (size_t i = 0; i < n; i++)
+        cn_mobj_fini (&objs[i]);
+    for (size_t i = 0; i < nops; i++)
+        free (texts[i]);
+    free (keys);
+    free (objs);
+    free (ops);
+    free (texts);
+    memmove (self->marks, self->marks + n, (self->nmarks - n) * sizeof *self->marks);
+    self->nmarks -= n;
+}
+
+static int
+s_on_marks (zloop_t *loop, int timer_id, void *arg)
+{
+    s_flush_marks (arg);
+    return 0;
 }
 
 static void
@@ -558,9 +607,13 @@ s_on_dispatch (self_t *self, hctx_t *h, const cn_httpc_res_t *res)
     char msg[256], snip[120];
     if (!res->err && res->status == 202) {
         self->dispatched++;
-        bool changed = false;
-        if (s_update (self, h->id, s_apply_dispatched, NULL, &changed, NULL) != CN_MORAY_OK)
-            CN_WARN (COMPONENT, "cannot mark a task dispatched", "{s:s}", "task_id", h->id);
+        if (self->nmarks == self->capmarks) {
+            self->capmarks = self->capmarks ? self->capmarks * 2 : 256;
+            self->marks = realloc (self->marks, self->capmarks * sizeof *self->marks);
+            if (!self->marks)
+                abort ();
+        }
+        memcpy (self->marks[self->nmarks++], h->id, 37);
         return;
     }
     self->dispatch_failures++;
@@ -1123,7 +1176,7 @@ static int
 s_on_pull (zloop_t *loop, zsock_t *pull, void *arg)
 {
     self_t *self = arg;
-    for (int k = 0; k < DRAIN_MAX; k++) {
+    for (int k = 0; k < REQ_DRAIN_MAX; k++) {
         zframe_t *f = zframe_recv_nowait (pull);
         if (!f)
             break;
@@ -1343,37 +1396,27 @@ s_retry_frames (self_t *self, int64_t now)
 /* ------------------------------------------------------------------ */
 /* The subscription to cnapi:tasks                                      */
 
-static int s_on_sub (zloop_t *loop, zmq_pollitem_t *item, void *arg);
+static void
+s_sub_up (void *arg)
+{
+    self_t *self = arg;
+    /* whatever ended while we were not listening */
+    s_check_all_waits (self);
+    CN_INFO (COMPONENT, "tasks subscription up", "{s:s}", "channel", CN_TASKS_CHANNEL);
+}
 
 static void
-s_sub_down (self_t *self, const char *why_in)
+s_sub_down (void *arg, const char *why)
 {
-    if (!self->sub_up)
-        return;
-    /* why_in may point into the context cn_redis_failed frees */
-    char why[128];
-    snprintf (why, sizeof why, "%s", why_in ? why_in : "error");
-    zmq_pollitem_t item = { NULL, self->sub_fd, ZMQ_POLLIN, 0 };
-    zloop_poller_end (self->loop, &item);
-    self->sub_up = false;
-    self->sub_fd = -1;
-    cn_redis_failed (self->sub, why);
     CN_WARN (COMPONENT, "tasks subscription lost; polling waited tasks every second",
              "{s:s}", "reason", why);
 }
 
 static void
-s_sub_message (self_t *self, redisReply *r)
+s_sub_message (void *arg, const char *s)
 {
-    self->sub_last_rx_ms = cn_now_ms ();
-    self->sub_ping_sent = false;
-    if (r->type != REDIS_REPLY_ARRAY || r->elements < 3
-        || r->element[0]->type != REDIS_REPLY_STRING
-        || strcmp (r->element[0]->str, "message") != 0
-        || r->element[2]->type != REDIS_REPLY_STRING)
-        return;
+    self_t *self = arg;
     char id[64];
-    const char *s = r->element[2]->str;
     const char *sp = strchr (s, ' ');
     size_t n = sp ? (size_t) (sp - s) : strlen (s);
     if (n >= sizeof id)
@@ -1382,102 +1425,6 @@ s_sub_message (self_t *self, redisReply *r)
     id[n] = 0;
     if (zhashx_lookup (self->waits, id))
         s_check_waits (self, id);       /* the store confirms */
-}
-
-static int
-s_sub_drain (self_t *self)
-{
-    redisContext *ctx = cn_redis_ctx (self->sub);
-    for (int i = 0; i < 100000; i++) {
-        void *reply = NULL;
-        if (redisGetReplyFromReader (ctx, &reply) != REDIS_OK)
-            return -1;
-        if (!reply)
-            break;
-        s_sub_message (self, reply);
-        freeReplyObject (reply);
-    }
-    return 0;
-}
-
-static void
-s_sub_try (self_t *self)
-{
-    if (self->sub_up || !cn_redis_ok (self->sub))
-        return;
-    redisContext *ctx = cn_redis_ctx (self->sub);
-    redisReply *r = redisCommand (ctx, "SUBSCRIBE %s", CN_TASKS_CHANNEL);
-    bool ok = r && r->type == REDIS_REPLY_ARRAY && r->elements >= 1
-              && r->element[0]->type == REDIS_REPLY_STRING
-              && strcmp (r->element[0]->str, "subscribe") == 0;
-    if (r)
-        freeReplyObject (r);
-    if (!ok) {
-        cn_redis_failed (self->sub, "SUBSCRIBE failed");
-        return;
-    }
-    self->sub_fd = ctx->fd;
-    zmq_pollitem_t item = { NULL, self->sub_fd, ZMQ_POLLIN, 0 };
-    if (zloop_poller (self->loop, &item, s_on_sub, self) != 0) {
-        cn_redis_failed (self->sub, "cannot poll the subscription");
-        return;
-    }
-    self->sub_up = true;
-    self->sub_last_rx_ms = cn_now_ms ();
-    self->sub_ping_sent = false;
-    if (s_sub_drain (self) != 0)
-        s_sub_down (self, "protocol error");
-    /* whatever ended while we were not listening */
-    s_check_all_waits (self);
-    CN_INFO (COMPONENT, "tasks subscription up", "{s:s}", "channel", CN_TASKS_CHANNEL);
-}
-
-static int
-s_on_sub (zloop_t *loop, zmq_pollitem_t *item, void *arg)
-{
-    self_t *self = arg;
-    if (!self->sub_up)
-        return 0;
-    redisContext *ctx = cn_redis_ctx (self->sub);
-    if (redisBufferRead (ctx) != REDIS_OK) {
-        s_sub_down (self, ctx->errstr[0] ? ctx->errstr : "read failed");
-        return 0;
-    }
-    if (s_sub_drain (self) != 0)
-        s_sub_down (self, "protocol error");
-    return 0;
-}
-
-static void
-s_sub_check (self_t *self)
-{
-    if (!self->sub_up) {
-        s_sub_try (self);
-        return;
-    }
-    int64_t now = cn_now_ms ();
-    int64_t limit = 4 * (int64_t) self->cfg->redis_timeout_ms;
-    if (limit < 2000)
-        limit = 2000;
-    if (self->sub_ping_sent && now - self->sub_ping_ms > limit) {
-        s_sub_down (self, "no answer to PING");
-        return;
-    }
-    if (now - self->sub_last_rx_ms > 3000 && !self->sub_ping_sent) {
-        redisContext *ctx = cn_redis_ctx (self->sub);
-        int done = 0;
-        if (redisAppendCommand (ctx, "PING") != REDIS_OK) {
-            s_sub_down (self, "PING failed");
-            return;
-        }
-        for (int i = 0; i < 16 && !done; i++)
-            if (redisBufferWrite (ctx, &done) != REDIS_OK) {
-                s_sub_down (self, "PING failed");
-                return;
-            }
-        self->sub_ping_sent = true;
-        self->sub_ping_ms = now;
-    }
 }
 
 /* ------------------------------------------------------------------ */
@@ -1681,10 +1628,11 @@ s_on_tick (zloop_t *loop, int timer_id, void *arg)
         s_expire_waits (self, now);
     if (now >= self->next_sub_check_ms) {
         self->next_sub_check_ms = now + 1000;
-        s_sub_check (self);
+        cn_redis_sub_check (self->sub);
     }
     if (zhashx_size (self->waits)
-        && (now >= self->next_safety_ms || (!self->sub_up && now >= self->next_poll_ms))) {
+        && (now >= self->next_safety_ms
+            || (!cn_redis_sub_up (self->sub) && now >= self->next_poll_ms))) {
         s_check_all_waits (self);
         self->next_poll_ms = now + POLL_DOWN_MS;
         self->next_safety_ms = now + POLL_SAFETY_MS;
@@ -1733,7 +1681,7 @@ s_status (self_t *self)
     cn_msgw_uint (&w, "publish_failures", self->publish_failures);
     cn_msgw_bool (&w, "pg", self->moray && cn_moray_connected (self->moray));
     cn_msgw_bool (&w, "redis", self->redis && cn_redis_connected (self->redis));
-    cn_msgw_bool (&w, "subscription", self->sub_up);
+    cn_msgw_bool (&w, "subscription", cn_redis_sub_up (self->sub));
     cn_msgw_str (&w, "last_error", self->last_error);
     return cn_msgw_frame (&w);
 }
@@ -1760,7 +1708,8 @@ s_start (self_t *self, char *reason, size_t rlen)
     const cn_config_t *cfg = self->cfg;
     self->moray = cn_moray_new (cfg->pg_conninfo, cfg->pg_timeout_ms);
     self->redis = cn_redis_new (cfg->redis_url, cfg->redis_timeout_ms, COMPONENT);
-    self->sub = cn_redis_new (cfg->redis_url, cfg->redis_timeout_ms, "tasks-sub");
+    self->sub = cn_redis_sub_new (cfg->redis_url, cfg->redis_timeout_ms, "tasks-sub",
+                                  CN_TASKS_CHANNEL);
     self->pull = zsock_new (ZMQ_PULL);
     self->fsock = zsock_new (ZMQ_PULL);
     if (!self->moray || !self->redis || !self->sub || !self->pull || !self->fsock) {
@@ -1788,12 +1737,14 @@ s_start (self_t *self, char *reason, size_t rlen)
     zloop_reader (self->loop, self->fsock, s_on_frames, self);
     zloop_reader (self->loop, self->ctl, s_on_ctl, self);
     zloop_timer (self->loop, TICK_MS, 0, s_on_tick, self);
+    zloop_timer (self->loop, MARKS_MS, 0, s_on_marks, self);
     /* the bucket now if the store answers; a store that is down is not
      * fatal (every use tries again) */
     if (!s_bucket (self))
         CN_WARN (COMPONENT, "store unreachable at start; will create the tasks bucket later",
                  "{s:s}", "error", cn_moray_errmsg (self->moray));
-    s_sub_try (self);
+    cn_redis_sub_attach (self->sub, self->loop, s_sub_message, s_sub_up, s_sub_down, self);
+    cn_redis_sub_try (self->sub);
     int64_t now = cn_now_ms ();
     self->next_sweep_ms = now + cfg->tasks_sweep_ms;
     self->next_sub_check_ms = now + 1000;
@@ -1840,7 +1791,6 @@ cn_tasks_actor (zsock_t *pipe, void *args)
     self->args = args;
     self->cfg = self->args->cfg;
     self->pipe = pipe;
-    self->sub_fd = -1;
     self->hctx.next = self->hctx.prev = &self->hctx;
     self->loop = zloop_new ();
     self->waits = zhashx_new ();
@@ -1859,10 +1809,7 @@ cn_tasks_actor (zsock_t *pipe, void *args)
     cn_httpc_destroy (&self->http);
     while (self->hctx.next != &self->hctx)
         s_hctx_free (self->hctx.next);
-    if (self->sub_up) {
-        zmq_pollitem_t item = { NULL, self->sub_fd, ZMQ_POLLIN, 0 };
-        zloop_poller_end (self->loop, &item);
-    }
+    cn_redis_sub_destroy (&self->sub);
     zloop_destroy (&self->loop);
     zsock_destroy (&self->pull);
     zsock_destroy (&self->fsock);
@@ -1870,8 +1817,8 @@ cn_tasks_actor (zsock_t *pipe, void *args)
     zhashx_destroy (&self->waits);
     zhashx_destroy (&self->checking);
     zlistx_destroy (&self->retry);
+    free (self->marks);
     cn_moray_destroy (&self->moray);
     cn_redis_destroy (&self->redis);
-    cn_redis_destroy (&self->sub);
     free (self);
 }

@@ -48,6 +48,7 @@
 #include "cn_msg.h"
 #include "cn_params.h"
 #include "cn_redis.h"
+#include "cn_redis_sub.h"
 #include "cn_server.h"
 #include "cn_svc.h"
 #include "cn_ticket.h"
@@ -79,9 +80,7 @@ typedef struct {
     bool started;
     cn_moray_t *moray;
     cn_redis_t *redis;        /* commands: PUBLISH */
-    cn_redis_t *sub;          /* the subscription */
-    bool sub_up;
-    int sub_fd;
+    cn_redis_sub_t *sub;      /* the subscription */
     bool buckets_ready;
     zhashx_t *waiters;        /* ticket uuid -> zlistx_t of waiter_t* */
     size_t nwaiters;
@@ -845,97 +844,28 @@ s_on_request (zloop_t *loop, zsock_t *sock, void *arg)
 /* ------------------------------------------------------------------ */
 /* Subscription                                                         */
 
-static int s_on_sub (zloop_t *loop, zmq_pollitem_t *item, void *arg);
+static void
+s_sub_up (void *arg)
+{
+    CN_INFO (COMPONENT, "ticket notice subscription up", "{s:s}", "channel",
+             CN_TICKETS_CHANNEL);
+}
 
 static void
-s_sub_down (self_t *self, const char *why_in)
+s_sub_down (void *arg, const char *why)
 {
-    if (!self->sub_up)
-        return;
-    char why[128];
-    snprintf (why, sizeof why, "%s", why_in ? why_in : "error");
-    zmq_pollitem_t item = { NULL, self->sub_fd, ZMQ_POLLIN, 0 };
-    zloop_poller_end (self->loop, &item);
-    self->sub_up = false;
-    self->sub_fd = -1;
-    cn_redis_failed (self->sub, why);
     CN_WARN (COMPONENT, "ticket notice subscription lost; polling", "{s:s}", "reason", why);
 }
 
 static void
-s_sub_message (self_t *self, redisReply *r)
+s_sub_message (void *arg, const char *payload)
 {
-    if (r->type != REDIS_REPLY_ARRAY || r->elements < 3
-        || r->element[0]->type != REDIS_REPLY_STRING
-        || strcmp (r->element[0]->str, "message") != 0
-        || r->element[2]->type != REDIS_REPLY_STRING)
-        return;
+    self_t *self = arg;
     char raw[40], uuid[37];
-    if (sscanf (r->element[2]->str, "%39s", raw) != 1 || !cn_uuid_normalize (raw, uuid))
+    if (sscanf (payload, "%39s", raw) != 1 || !cn_uuid_normalize (raw, uuid))
         return;
     self->notices++;
     s_check (self, uuid);
-}
-
-static int
-s_sub_drain (self_t *self)
-{
-    redisContext *ctx = cn_redis_ctx (self->sub);
-    for (int i = 0; i < 100000; i++) {
-        void *reply = NULL;
-        if (redisGetReplyFromReader (ctx, &reply) != REDIS_OK)
-            return -1;
-        if (!reply)
-            break;
-        s_sub_message (self, reply);
-        freeReplyObject (reply);
-    }
-    return 0;
-}
-
-static void
-s_sub_try (self_t *self)
-{
-    if (self->sub_up || !cn_redis_ok (self->sub))
-        return;
-    redisContext *ctx = cn_redis_ctx (self->sub);
-    redisReply *r = redisCommand (ctx, "SUBSCRIBE %s", CN_TICKETS_CHANNEL);
-    bool ok = r && r->type == REDIS_REPLY_ARRAY && r->elements >= 1
-              && r->element[0]->type == REDIS_REPLY_STRING
-              && strcmp (r->element[0]->str, "subscribe") == 0;
-    if (r)
-        freeReplyObject (r);
-    if (!ok) {
-        cn_redis_failed (self->sub, "SUBSCRIBE failed");
-        return;
-    }
-    self->sub_fd = ctx->fd;
-    zmq_pollitem_t item = { NULL, self->sub_fd, ZMQ_POLLIN, 0 };
-    if (zloop_poller (self->loop, &item, s_on_sub, self) != 0) {
-        cn_redis_failed (self->sub, "cannot poll the subscription");
-        return;
-    }
-    self->sub_up = true;
-    CN_INFO (COMPONENT, "ticket notice subscription up", "{s:s}", "channel",
-             CN_TICKETS_CHANNEL);
-    if (s_sub_drain (self) != 0)
-        s_sub_down (self, "protocol error");
-}
-
-static int
-s_on_sub (zloop_t *loop, zmq_pollitem_t *item, void *arg)
-{
-    self_t *self = arg;
-    if (!self->sub_up)
-        return 0;
-    redisContext *ctx = cn_redis_ctx (self->sub);
-    if (redisBufferRead (ctx) != REDIS_OK) {
-        s_sub_down (self, ctx->errstr[0] ? ctx->errstr : "read failed");
-        return 0;
-    }
-    if (s_sub_drain (self) != 0)
-        s_sub_down (self, "protocol error");
-    return 0;
 }
 
 /* ------------------------------------------------------------------ */
@@ -1007,12 +937,12 @@ s_on_tick (zloop_t *loop, int timer_id, void *arg)
         zlistx_destroy (&keys);
     }
     /* resubscribe */
-    if (!self->sub_up && now - self->last_sub_try_ms >= SUB_RETRY_MS) {
+    if (!cn_redis_sub_up (self->sub) && now - self->last_sub_try_ms >= SUB_RETRY_MS) {
         self->last_sub_try_ms = now;
-        s_sub_try (self);
+        cn_redis_sub_try (self->sub);
     }
     /* poll the held tickets */
-    int64_t every = self->sub_up ? POLL_UP_MS : POLL_DOWN_MS;
+    int64_t every = cn_redis_sub_up (self->sub) ? POLL_UP_MS : POLL_DOWN_MS;
     if (self->nwaiters && now - self->last_poll_ms >= every) {
         self->last_poll_ms = now;
         self->polls++;
@@ -1037,11 +967,11 @@ s_status (self_t *self, zsock_t *dest)
     cn_msgw_t w;
     cn_msgw_init (&w, "status", 20);
     cn_msgw_str (&w, "actor", "waitlist");
-    cn_msgw_str (&w, "state", self->started ? (self->sub_up ? "running" : "polling")
-                                            : "stopped");
+    bool sub_up = cn_redis_sub_up (self->sub);
+    cn_msgw_str (&w, "state", self->started ? (sub_up ? "running" : "polling") : "stopped");
     cn_msgw_bool (&w, "pg", self->moray && cn_moray_connected (self->moray));
     cn_msgw_bool (&w, "redis", self->redis && cn_redis_connected (self->redis));
-    cn_msgw_bool (&w, "sub", self->sub_up);
+    cn_msgw_bool (&w, "sub", sub_up);
     cn_msgw_uint (&w, "requests", self->requests);
     cn_msgw_uint (&w, "waiters", self->nwaiters);
     cn_msgw_uint (&w, "created", self->created);
@@ -1099,7 +1029,8 @@ s_start (self_t *self, char *reason, size_t rlen)
     }
     self->moray = cn_moray_new (self->cfg->pg_conninfo, self->cfg->pg_timeout_ms);
     self->redis = cn_redis_new (self->cfg->redis_url, self->cfg->redis_timeout_ms, COMPONENT);
-    self->sub = cn_redis_new (self->cfg->redis_url, self->cfg->redis_timeout_ms, COMPONENT);
+    self->sub = cn_redis_sub_new (self->cfg->redis_url, self->cfg->redis_timeout_ms, COMPONENT,
+                                  CN_TICKETS_CHANNEL);
     if (!self->moray || !self->redis || !self->sub) {
         snprintf (reason, rlen, "cannot allocate store or cache clients");
         return -1;
@@ -1107,7 +1038,8 @@ s_start (self_t *self, char *reason, size_t rlen)
     zloop_reader (self->loop, self->pull, s_on_request, self);
     zloop_reader (self->loop, self->ctl, s_on_ctl, self);
     zloop_timer (self->loop, TICK_MS, 0, s_on_tick, self);
-    s_sub_try (self);
+    cn_redis_sub_attach (self->sub, self->loop, s_sub_message, s_sub_up, s_sub_down, self);
+    cn_redis_sub_try (self->sub);
     self->last_sub_try_ms = cn_now_ms ();
     self->started = true;
     return 0;
@@ -1159,7 +1091,6 @@ cn_waitlist_actor (zsock_t *pipe, void *args)
     self->args = args;
     self->cfg = self->args->cfg;
     self->pipe = pipe;
-    self->sub_fd = -1;
     self->loop = zloop_new ();
     self->waiters = zhashx_new ();
     zhashx_set_destructor (self->waiters, s_list_free);
@@ -1175,15 +1106,11 @@ cn_waitlist_actor (zsock_t *pipe, void *args)
         s_answer_waiters (self, k, 503, "ServiceUnavailable", "the service is shutting down");
     zlistx_destroy (&keys);
     zhashx_destroy (&self->waiters);
-    if (self->sub_up) {
-        zmq_pollitem_t item = { NULL, self->sub_fd, ZMQ_POLLIN, 0 };
-        zloop_poller_end (self->loop, &item);
-    }
+    cn_redis_sub_destroy (&self->sub);
     zloop_destroy (&self->loop);
     zsock_destroy (&self->pull);
     zsock_destroy (&self->ctl);
     cn_moray_destroy (&self->moray);
     cn_redis_destroy (&self->redis);
-    cn_redis_destroy (&self->sub);
     free (self);
 }

@@ -33,4 +33,9 @@
 /* Bind a REP socket at CN_CTL_FMT for name; NULL on failure. */
 zsock_t *cn_ctl_bind (const char *name);
 
+/* A zhashx keyed by uint64 tags held in the key pointer itself (no
+ * allocation per key): cn_tag_keys (h) once, then CN_TAG_KEY (tag) as key. */
+void cn_tag_keys (zhashx_t *h);
+#define CN_TAG_KEY(tag) ((void *) (uintptr_t) (tag))
+
 #endif

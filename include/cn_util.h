@@ -14,6 +14,10 @@ int64_t cn_now_ms (void);
 int64_t cn_mono_us (void);
 /* ISO 8601 UTC with milliseconds, e.g. 2026-11-25T10:49:56.123Z; buf >= 25. */
 char *cn_iso8601 (int64_t ms, char *buf, size_t len);
+/* Parse cn_iso8601's format back to ms ("YYYY-MM-DDTHH:MM:SS[.mmm]Z", any
+ * number of fraction digits, the first three count); false (out unchanged)
+ * when s is NULL or not that. */
+bool cn_iso8601_to_ms (const char *s, int64_t *out);
 
 /* True when s is a canonical 36-character UUID (hex, either case). */
 bool cn_uuid_valid (const char *s);

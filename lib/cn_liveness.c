@@ -11,7 +11,6 @@
  */
 #include "cn_liveness.h"
 
-#include <ctype.h>
 #include <inttypes.h>
 #include <jansson.h>
 #include <pthread.h>
@@ -35,37 +34,6 @@ const cn_mindex_t cn_instance_index[] = {
 const size_t cn_instance_nindex = sizeof cn_instance_index / sizeof cn_instance_index[0];
 
 /* ---- the row -------------------------------------------------------- */
-
-/* "YYYY-MM-DDTHH:MM:SS[.mmm]Z" -> ms; false when it is not that. */
-static bool
-s_iso_to_ms (const char *s, int64_t *out)
-{
-    struct tm tm;
-    memset (&tm, 0, sizeof tm);
-    int ms = 0, n = 0;
-    if (!s || sscanf (s, "%4d-%2d-%2dT%2d:%2d:%2d%n", &tm.tm_year, &tm.tm_mon,
-                      &tm.tm_mday, &tm.tm_hour, &tm.tm_min, &tm.tm_sec, &n) != 6)
-        return false;
-    const char *p = s + n;
-    if (*p == '.') {
-        p++;
-        int digits = 0;
-        while (isdigit ((unsigned char) *p)) {
-            if (digits < 3)
-                ms = ms * 10 + (*p - '0');
-            digits++;
-            p++;
-        }
-        for (; digits < 3; digits++)
-            ms *= 10;
-    }
-    if (strcmp (p, "Z") != 0)
-        return false;
-    tm.tm_year -= 1900;
-    tm.tm_mon -= 1;
-    *out = (int64_t) timegm (&tm) * 1000 + ms;
-    return true;
-}
 
 static void
 s_copy (char *dst, size_t cap, const char *src)
@@ -97,9 +65,9 @@ cn_status_row_parse (const char *json, size_t len, cn_status_row_t *out)
     s_copy (r.owner_boot, sizeof r.owner_boot, boot);
     s_copy (r.agent_boot, sizeof r.agent_boot,
             json_string_value (json_object_get (o, "agent_boot")));
-    (void) s_iso_to_ms (json_string_value (json_object_get (o, "last_heartbeat")),
+    (void) cn_iso8601_to_ms (json_string_value (json_object_get (o, "last_heartbeat")),
                         &r.last_heartbeat_ms);
-    (void) s_iso_to_ms (json_string_value (json_object_get (o, "since")), &r.since_ms);
+    (void) cn_iso8601_to_ms (json_string_value (json_object_get (o, "since")), &r.since_ms);
     *out = r;
     rc = 0;
 done:

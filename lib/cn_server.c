@@ -214,39 +214,6 @@ s_set_iso (json_t *o, const char *key, int64_t ms)
     json_object_set_new (o, key, json_string (cn_iso8601 (ms, buf, sizeof buf)));
 }
 
-/* Parse cn_iso8601's format back to ms ("YYYY-MM-DDTHH:MM:SS[.mmm]Z");
- * false when it is not that. */
-static bool
-s_iso_to_ms (const char *s, int64_t *out)
-{
-    struct tm tm;
-    memset (&tm, 0, sizeof tm);
-    int ms = 0, n = 0;
-    if (!s || sscanf (s, "%4d-%2d-%2dT%2d:%2d:%2d%n", &tm.tm_year, &tm.tm_mon,
-                      &tm.tm_mday, &tm.tm_hour, &tm.tm_min, &tm.tm_sec, &n) != 6)
-        return false;
-    const char *p = s + n;
-    if (*p == '.') {
-        p++;
-        int digits = 0;
-        while (isdigit ((unsigned char) *p)) {
-            if (digits < 3)
-                ms = ms * 10 + (*p - '0');
-            digits++;
-            p++;
-        }
-        for (; digits < 3; digits++)
-            ms *= 10;
-    }
-    if (strcmp (p, "Z") != 0)
-        return false;
-    tm.tm_year -= 1900;
-    tm.tm_mon -= 1;
-    time_t t = timegm (&tm);
-    *out = (int64_t) t * 1000 + ms;
-    return true;
-}
-
 /* Equal apart from the keys in skip (NULL-terminated). */
 static bool
 s_equal_except (const json_t *a, const json_t *b, const char *const *skip)
@@ -737,7 +704,7 @@ s_conflict (const json_t *existing, const json_t *si, const cn_sysinfo_ctx_t *ct
     cn_srv_result_t rc = CN_SRV_CONFLICT;
     if (found) {
         int64_t last;
-        if (s_iso_to_ms (s_str (found, "last_seen"), &last) && ctx->now_ms - last < every_ms
+        if (cn_iso8601_to_ms (s_str (found, "last_seen"), &last) && ctx->now_ms - last < every_ms
             && ctx->now_ms >= last) {
             json_decref (rec);
             rec = NULL;
@@ -762,7 +729,7 @@ s_conflict (const json_t *existing, const json_t *si, const cn_sysinfo_ctx_t *ct
             int64_t oldest_ms = INT64_MAX;
             json_array_foreach (list, i, r) {
                 int64_t t;
-                if (!s_iso_to_ms (s_str (r, "last_seen"), &t))
+                if (!cn_iso8601_to_ms (s_str (r, "last_seen"), &t))
                     t = INT64_MIN;      /* unreadable: the first to go */
                 if (t < oldest_ms) {
                     oldest = i;
@@ -1585,7 +1552,7 @@ s_iso_exact (const char *s)
 {
     int64_t ms;
     char back[32];
-    if (strlen (s) != 24 || !s_iso_to_ms (s, &ms))
+    if (strlen (s) != 24 || !cn_iso8601_to_ms (s, &ms))
         return false;
     return strcmp (cn_iso8601 (ms, back, sizeof back), s) == 0;
 }

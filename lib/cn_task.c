@@ -4,7 +4,6 @@
 #include <ctype.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "cn_util.h"
 
@@ -166,37 +165,8 @@ cn_task_view (const json_t *rec)
 int64_t
 cn_iso8601_parse (const char *s)
 {
-    if (!s)
-        return -1;
-    struct tm tm;
-    memset (&tm, 0, sizeof tm);
-    int ms = 0, n = 0;
-    if (sscanf (s, "%4d-%2d-%2dT%2d:%2d:%2d%n", &tm.tm_year, &tm.tm_mon, &tm.tm_mday,
-                &tm.tm_hour, &tm.tm_min, &tm.tm_sec, &n) != 6)
-        return -1;
-    const char *p = s + n;
-    if (*p == '.') {
-        p++;
-        int digits = 0;
-        while (isdigit ((unsigned char) *p)) {
-            if (digits < 3)
-                ms = ms * 10 + (*p - '0');
-            digits++;
-            p++;
-        }
-        while (digits > 0 && digits < 3) {
-            ms *= 10;
-            digits++;
-        }
-    }
-    if (*p != 'Z' || p[1])
-        return -1;
-    tm.tm_year -= 1900;
-    tm.tm_mon -= 1;
-    time_t t = timegm (&tm);
-    if (t == (time_t) -1)
-        return -1;
-    return (int64_t) t * 1000 + ms;
+    int64_t ms;
+    return cn_iso8601_to_ms (s, &ms) ? ms : -1;
 }
 
 int64_t

@@ -42,6 +42,36 @@ cn_iso8601 (int64_t ms, char *buf, size_t len)
 }
 
 bool
+cn_iso8601_to_ms (const char *s, int64_t *out)
+{
+    struct tm tm;
+    memset (&tm, 0, sizeof tm);
+    int ms = 0, n = 0;
+    if (!s || sscanf (s, "%4d-%2d-%2dT%2d:%2d:%2d%n", &tm.tm_year, &tm.tm_mon,
+                      &tm.tm_mday, &tm.tm_hour, &tm.tm_min, &tm.tm_sec, &n) != 6)
+        return false;
+    const char *p = s + n;
+    if (*p == '.') {
+        p++;
+        int digits = 0;
+        while (isdigit ((unsigned char) *p)) {
+            if (digits < 3)
+                ms = ms * 10 + (*p - '0');
+            digits++;
+            p++;
+        }
+        for (; digits < 3; digits++)
+            ms *= 10;
+    }
+    if (strcmp (p, "Z") != 0)
+        return false;
+    tm.tm_year -= 1900;
+    tm.tm_mon -= 1;
+    *out = (int64_t) timegm (&tm) * 1000 + ms;
+    return true;
+}
+
+bool
 cn_uuid_valid (const char *s)
 {
     if (!s)

@@ -89,10 +89,20 @@ def _queue_counts(stack, url, queue="ur.cnapi"):
     return None
 
 
+def _consuming(d):
+    """Wait until d's listener is connected and consuming (GET /ping says
+    amqp online only after the queue is declared and consumed): a message
+    published before that to a fresh vhost has no queue and is dropped."""
+    d.wait_ready(timeout=30, until=lambda r: r.body["services"]["amqp"] == "online")
+    return d
+
+
 def _three(t, **kw):
     url, db, redis = t.fresh_vhost(), t.fresh_db(), t.fresh_redis()
     ds = [t.cnapid(name="cnapi-%d" % i, address="127.0.0.%d" % (i + 1), amqp_url=url,
                    pg_conninfo=db, redis_url=redis, **kw) for i in (1, 2, 3)]
+    for d in ds:
+        _consuming(d)
     return url, db, redis, ds
 
 
@@ -213,7 +223,7 @@ def test_redis_down_reads_fall_back_to_postgres(t):
 
 
 def test_bad_sysinfo_is_rejected_and_nothing_written(t):
-    d = t.cnapid()
+    d = _consuming(t.cnapid())
     url = d.config["amqp"]["url"]
     good = _uuid("e5e50000", 1)
     other = _uuid("e5e50000", 2)
@@ -250,7 +260,7 @@ def test_bad_sysinfo_is_rejected_and_nothing_written(t):
 
 
 def test_redelivered_sysinfo_is_harmless(t):
-    d = t.cnapid()
+    d = _consuming(t.cnapid())
     url = d.config["amqp"]["url"]
     u = _uuid("f6f60000", 1)
     si = harness.make_sysinfo(u, "cn-same")
