@@ -460,6 +460,13 @@ s_on_writer (self_t *self)
                 o->vms_next_ms = cn_now_ms () + (delay < VMS_RETRY_MAX_MS ? delay
                                                                           : VMS_RETRY_MAX_MS);
             }
+            else
+            if (status == 409) {
+                /* fenced: a later epoch owns the server; the resync or the
+                 * status channel closes this session */
+                CN_DEBUG (COMPONENT, "VM state not written: the server was taken over",
+                          "{s:s}", "server_uuid", o->uuid);
+            }
             else {
                 self->writer_failures++;
                 CN_WARN (COMPONENT, "VM state not written", "{s:s,s:i,s:s?}", "server_uuid",
@@ -470,6 +477,14 @@ s_on_writer (self_t *self)
         if (c->kind == W_EVENT && o && !ok && status == 404) {
             if (o->pending && !c->applied_locally)
                 s_apply_pending (o, c->data);
+        }
+        else
+        if (!ok && status == 409 && c->kind == W_VMS) {
+            /* the writer refused it for a later epoch: another instance
+             * took the server over meanwhile (outcome "fenced"), as it
+             * should; not a failure */
+            CN_DEBUG (COMPONENT, "VM state not written: the server was taken over", "{s:s}",
+                      "server_uuid", c->uuid);
         }
         else
         if (!ok && status != 404) {
