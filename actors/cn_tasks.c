@@ -60,10 +60,6 @@
 #define COMPONENT "tasks"
 #define TICK_MS 100
 #define DRAIN_MAX 1000
-/* requests taken per loop pass: each may be a store commit, and the agent
- * dispatches (cn_httpc, the same loop) only progress between passes, so a
- * long drain delays every POST behind it (issue 4 benchmarks) */
-#define REQ_DRAIN_MAX 16
 #define CAS_ATTEMPTS 8
 /* 202s whose "dispatched" mark is written together, in one transaction,
  * every MARKS_MS (at most MARKS_MAX a pass): one commit for many tasks
@@ -1176,7 +1172,7 @@ static int
 s_on_pull (zloop_t *loop, zsock_t *pull, void *arg)
 {
     self_t *self = arg;
-    for (int k = 0; k < REQ_DRAIN_MAX; k++) {
+    for (int k = 0; k < DRAIN_MAX; k++) {
         zframe_t *f = zframe_recv_nowait (pull);
         if (!f)
             break;
