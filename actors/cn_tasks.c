@@ -8,20 +8,26 @@
  * record read (404), the status table asked whether the server has a live
  * session anywhere (409 ServerNotRunning), then the task record is inserted
  * ("must not exist") and only after that commit does the client get its
- * 200 {id}: persist, then reply. The POST to the agent follows on the
- * non-blocking HTTP client (at most tasks.per_agent in flight per agent,
- * each bounded by tasks.agent_timeout_ms). 202 marks the record
+ * 200 {id}: persist, then reply. Group commit: the creations taken from
+ * the gateway in one loop pass (at most PASS_MAX; each server read once a
+ * pass) are inserted in one transaction, and each is answered after that
+ * one commit (a failed commit answers each 503/500). The POST to the
+ * agent follows on the non-blocking HTTP client (at most tasks.per_agent
+ * in flight per agent, each bounded by tasks.agent_timeout_ms). 202 marks the record
  * dispatched; anything else ends it "failure" with AgentUnreachable,
  * AgentPaused or AgentRefused.
  *
  * Results never travel in that HTTP request: the agent runs the task and
  * sends task_event / task_end over its session, to whichever instance holds
- * it. The hub forwards them here; each is applied to the record by an
- * etag-conditional read-change-write (idempotent by seq, an ended task never
- * changes), and only after the commit (or when the record already covers
- * it, or there is no such task) is task_ack sent back through the hub. A
- * write that fails for the store is retried every second for a while; the
- * agent also sends unacknowledged frames again after every welcome.
+ * it. The hub forwards them here. The frames taken in one loop pass (at
+ * most PASS_MAX) are applied together: their records locked in one
+ * statement (key order, so two batches anywhere cannot deadlock), every
+ * frame applied in memory in arrival order (idempotent by seq, an ended
+ * task never changes), each changed record written once, one commit; only
+ * after it (or when the record already covers the frame, or there is no
+ * such task) is task_ack sent back through the hub. A batch that fails
+ * for the store is retried every second for a while; the agent also sends
+ * unacknowledged frames again after every welcome.
  *
  * Every write that ends a task publishes "<id> <status>" on cnapi:tasks.
  * Waits (task_wait) live in memory keyed by task id: a message on the
@@ -59,7 +65,13 @@
 
 #define COMPONENT "tasks"
 #define TICK_MS 100
-#define DRAIN_MAX 1000
+/* Group commit (issue 4): the requests taken from the gateway in one loop
+ * pass (at most PASS_MAX) have their task records inserted in one
+ * transaction, answered after its commit; the agent frames taken in one
+ * pass (at most PASS_MAX) are applied under one lock of their records and
+ * written in one transaction, acked after its commit. Then the loop goes
+ * back to its sockets (the dispatches). */
+#define PASS_MAX 500
 #define CAS_ATTEMPTS 8
 /* 202s whose "dispatched" mark is written together, in one transaction,
  * every MARKS_MS (at most MARKS_MAX a pass): one commit for many tasks
@@ -100,6 +112,7 @@ typedef struct {
     char req_id[64];
 } waiter_t;
 
+/* An agent frame waiting to be applied (now or on a retry). */
 typedef struct {
     uint64_t sid;
     char uuid[37];
@@ -107,6 +120,31 @@ typedef struct {
     int attempts;
     int64_t next_ms;
 } fretry_t;
+
+/* A task creation checked and waiting for the pass's commit. */
+typedef struct {
+    uint64_t req;
+    char req_id[64];
+    char tid[37];
+    char uuid[37];
+    char vm[37];
+    const char *task;           /* static */
+    bool create;
+    json_t *agent_params;
+    char *text;                 /* the record */
+    char ip[64];
+    int port;
+} pcreate_t;
+
+/* A server as the requests of one pass see it: an address, or the error
+ * to answer (status != 0). */
+typedef struct {
+    int status;
+    const char *code;
+    char msg[256];
+    char ip[64];
+    int port;
+} srv_t;
 
 struct self {
     const cn_config_t *cfg;
@@ -127,6 +165,9 @@ struct self {
     size_t nwaiters;
     zhashx_t *checking;         /* task ids with a sweep check in flight */
     zlistx_t *retry;            /* fretry_t */
+    pcreate_t *pc;              /* creations of this pass (PASS_MAX) */
+    size_t npc;
+    zhashx_t *srv;              /* server uuid -> srv_t, for one pass */
     char (*marks)[37];          /* task ids accepted (202), not yet marked */
     size_t nmarks, capmarks;
     int64_t next_poll_ms, next_safety_ms, next_sweep_ms, next_sub_check_ms;
@@ -795,40 +836,49 @@ s_copy_str (const cn_msg_t *m, const char *key, char *out, size_t n)
     out[len] = 0;
 }
 
-/* The server of a /servers/:uuid route: exists, has an agent address, and
- * a live session somewhere. 0 with *ip, *port; -1 when answered. */
-static int
-s_server (self_t *self, rctx_t *c, char *ip, size_t iplen, int *port)
+static void
+s_srv_free (void **item)
 {
+    free (*item);
+    *item = NULL;
+}
+
+/* Look the server up: *out gets its agent address, or the error a request
+ * for it is answered with. */
+static void
+s_server_lookup (self_t *self, const char *uuid, srv_t *out)
+{
+    memset (out, 0, sizeof *out);
     cn_mobj_t o;
     memset (&o, 0, sizeof o);
-    int rc = cn_moray_get (self->moray, CN_BUCKET_SERVERS, c->uuid, &o);
+    int rc = cn_moray_get (self->moray, CN_BUCKET_SERVERS, uuid, &o);
     if (rc == CN_MORAY_NOTFOUND) {
-        s_reply_error (self, c->id, c->req_id, 404, "ResourceNotFound", "Server %s not found",
-                       c->uuid);
-        return -1;
+        *out = (srv_t) { .status = 404, .code = "ResourceNotFound" };
+        snprintf (out->msg, sizeof out->msg, "Server %s not found", uuid);
+        return;
     }
     if (rc != CN_MORAY_OK) {
         self->store_failures++;
         s_set_error (self, "server read", cn_moray_errmsg (self->moray));
-        s_reply_error (self, c->id, c->req_id, 503, "ServiceUnavailable",
-                       "the store is unreachable: %s", cn_moray_errmsg (self->moray));
-        return -1;
+        *out = (srv_t) { .status = 503, .code = "ServiceUnavailable" };
+        snprintf (out->msg, sizeof out->msg, "the store is unreachable: %s",
+                  cn_moray_errmsg (self->moray));
+        return;
     }
     json_error_t jerr;
     json_t *rec = json_loadb (o.value, o.value_len, 0, &jerr);
     cn_mobj_fini (&o);
     if (!json_is_object (rec)) {
         json_decref (rec);
-        s_reply_error (self, c->id, c->req_id, 500, "InternalError",
-                       "stored server record is not a JSON object");
-        return -1;
+        *out = (srv_t) { .status = 500, .code = "InternalError" };
+        snprintf (out->msg, sizeof out->msg, "stored server record is not a JSON object");
+        return;
     }
     /* running: a live session anywhere (the status table); before the
      * table is loaded, the record's own freshness */
     cn_status_row_t row;
     bool running;
-    if (cn_liveness_get (self->args->live, c->uuid, &row))
+    if (cn_liveness_get (self->args->live, uuid, &row))
         running = row.running;
     else
     if (!cn_liveness_loaded (self->args->live)) {
@@ -838,24 +888,46 @@ s_server (self_t *self, rctx_t *c, char *ip, size_t iplen, int *port)
     }
     else
         running = false;
-    if (!running) {
-        json_decref (rec);
-        s_reply_error (self, c->id, c->req_id, 409, "ServerNotRunning",
-                       "Server %s is not running", c->uuid);
-        return -1;
-    }
     const char *a = json_string_value (json_object_get (rec, "admin_ip"));
     json_t *p = json_object_get (rec, "agent_port");
+    if (!running) {
+        *out = (srv_t) { .status = 409, .code = "ServerNotRunning" };
+        snprintf (out->msg, sizeof out->msg, "Server %s is not running", uuid);
+    }
+    else
     if (!a || !*a) {
-        json_decref (rec);
-        s_reply_error (self, c->id, c->req_id, 500, "InternalError",
-                       "Server %s has no admin_ip: its agent cannot be reached", c->uuid);
+        *out = (srv_t) { .status = 500, .code = "InternalError" };
+        snprintf (out->msg, sizeof out->msg,
+                  "Server %s has no admin_ip: its agent cannot be reached", uuid);
+    }
+    else {
+        snprintf (out->ip, sizeof out->ip, "%s", a);
+        out->port = json_is_integer (p) && json_integer_value (p) > 0
+                    && json_integer_value (p) < 65536 ? (int) json_integer_value (p) : 5309;
+    }
+    json_decref (rec);
+}
+
+/* The server of a /servers/:uuid route: exists, has an agent address, and
+ * a live session somewhere. 0 with *ip, *port; -1 when answered. Read once
+ * per loop pass (self->srv, emptied at the end of the pass). */
+static int
+s_server (self_t *self, rctx_t *c, char *ip, size_t iplen, int *port)
+{
+    srv_t *sv = zhashx_lookup (self->srv, c->uuid);
+    if (!sv) {
+        sv = calloc (1, sizeof *sv);
+        if (!sv)
+            abort ();
+        s_server_lookup (self, c->uuid, sv);
+        zhashx_insert (self->srv, c->uuid, sv);
+    }
+    if (sv->status) {
+        s_reply_error (self, c->id, c->req_id, sv->status, sv->code, "%s", sv->msg);
         return -1;
     }
-    snprintf (ip, iplen, "%s", a);
-    *port = json_is_integer (p) && json_integer_value (p) > 0 && json_integer_value (p) < 65536
-            ? (int) json_integer_value (p) : 5309;
-    json_decref (rec);
+    snprintf (ip, iplen, "%s", sv->ip);
+    *port = sv->port;
     return 0;
 }
 
@@ -998,46 +1070,95 @@ s_op_task (self_t *self, const cn_msg_t *m, rctx_t *c, const char *op)
                        "the store is unreachable: %s", cn_moray_errmsg (self->moray));
         goto done;
     }
-    char tid[37];
-    cn_uuid_new (tid);
+    pcreate_t *pc = &self->pc[self->npc++];
+    memset (pc, 0, sizeof *pc);
+    cn_uuid_new (pc->tid);
+    pc->req = c->id;
+    snprintf (pc->req_id, sizeof pc->req_id, "%s", c->req_id);
+    memcpy (pc->uuid, c->uuid, sizeof pc->uuid);
+    memcpy (pc->vm, vm, sizeof pc->vm);
+    pc->task = task;
+    pc->create = create;
+    snprintf (pc->ip, sizeof pc->ip, "%s", ip);
+    pc->port = port;
     cn_task_spec_t spec = {
-        .id = tid, .req_id = c->req_id, .task = task, .server_uuid = c->uuid,
+        .id = pc->tid, .req_id = c->req_id, .task = task, .server_uuid = c->uuid,
         .vm_uuid = vm[0] ? vm : NULL, .params = agent_params, .instance = self->cfg->instance,
         .instance_boot = self->args->boot_id ? self->args->boot_id : "",
         .now_ms = cn_now_ms (),
     };
     json_t *rec = cn_task_new (&spec);
-    char *text = json_dumps (rec, JSON_COMPACT);
+    pc->text = json_dumps (rec, JSON_COMPACT);
     json_decref (rec);
-    if (!text)
+    if (!pc->text)
         abort ();
-    int rc = cn_moray_put (self->moray, CN_BUCKET_TASKS, tid, text, CN_MORAY_ETAG_NULL, NULL,
-                           NULL);
-    free (text);
-    if (rc != CN_MORAY_OK) {
-        self->store_failures++;
-        s_set_error (self, "create", cn_moray_errmsg (self->moray));
-        s_reply_error (self, c->id, c->req_id, rc == CN_MORAY_EIO ? 503 : 500,
-                       rc == CN_MORAY_EIO ? "ServiceUnavailable" : "InternalError",
-                       "cannot record the task: %s", cn_moray_errmsg (self->moray));
-        goto done;
-    }
-    self->created++;
-    /* committed: answer, then dispatch */
-    json_t *ans = create ? json_pack ("{s:s,s:s}", "id", tid, "vm_uuid", vm)
-                         : json_pack ("{s:s}", "id", tid);
-    s_reply_json (self, c->id, 200, ans);
-    json_decref (ans);
-    CN_INFO (COMPONENT, "task created", "{s:s,s:s,s:s,s:s?,s:s}", "task_id", tid, "task", task,
-             "server_uuid", c->uuid, "vm_uuid", vm[0] ? vm : NULL, "req_id", c->req_id);
-    hctx_t *h = s_hctx_new (self, H_DISPATCH, ip, port);
-    memcpy (h->id, tid, sizeof h->id);
-    memcpy (h->uuid, c->uuid, sizeof h->uuid);
-    snprintf (h->req_id, sizeof h->req_id, "%s", c->req_id);
-    s_post_task (self, h, task, agent_params);
+    pc->agent_params = agent_params;    /* taken over */
+    agent_params = NULL;
 done:
     json_decref (agent_params);
     json_decref (params);
+}
+
+/* The creations of this pass: one insert per record ("must not exist"),
+ * all in one transaction; after its commit each is answered 200 and
+ * dispatched. A failed commit answers each as a single failed insert did
+ * (503 when the store is unreachable, else 500). */
+static void
+s_flush_creates (self_t *self)
+{
+    size_t n = self->npc;
+    if (n == 0)
+        return;
+    cn_mop_t *ops = calloc (n, sizeof *ops);
+    bool *applied = calloc (n, sizeof *applied);
+    if (!ops || !applied)
+        abort ();
+    for (size_t i = 0; i < n; i++)
+        ops[i] = (cn_mop_t) { .kind = CN_MOP_PUT, .bucket = CN_BUCKET_TASKS,
+                              .key = self->pc[i].tid, .value = self->pc[i].text,
+                              .etag = CN_MORAY_ETAG_NULL };
+    int rc = cn_moray_batch_partial (self->moray, ops, n, applied);
+    if (rc != CN_MORAY_OK) {
+        self->store_failures++;
+        s_set_error (self, "create", cn_moray_errmsg (self->moray));
+    }
+    for (size_t i = 0; i < n; i++) {
+        pcreate_t *pc = &self->pc[i];
+        if (rc != CN_MORAY_OK)
+            s_reply_error (self, pc->req, pc->req_id, rc == CN_MORAY_EIO ? 503 : 500,
+                           rc == CN_MORAY_EIO ? "ServiceUnavailable" : "InternalError",
+                           "cannot record the task: %s", cn_moray_errmsg (self->moray));
+        else
+        if (!applied[i]) {
+            /* a drawn id that exists: a single insert failed so too */
+            self->store_failures++;
+            s_set_error (self, "create", "task id exists");
+            s_reply_error (self, pc->req, pc->req_id, 500, "InternalError",
+                           "cannot record the task: task %s exists", pc->tid);
+        }
+        else {
+            self->created++;
+            /* committed: answer, then dispatch */
+            json_t *ans = pc->create
+                          ? json_pack ("{s:s,s:s}", "id", pc->tid, "vm_uuid", pc->vm)
+                          : json_pack ("{s:s}", "id", pc->tid);
+            s_reply_json (self, pc->req, 200, ans);
+            json_decref (ans);
+            CN_INFO (COMPONENT, "task created", "{s:s,s:s,s:s,s:s?,s:s}", "task_id", pc->tid,
+                     "task", pc->task, "server_uuid", pc->uuid,
+                     "vm_uuid", pc->vm[0] ? pc->vm : NULL, "req_id", pc->req_id);
+            hctx_t *h = s_hctx_new (self, H_DISPATCH, pc->ip, pc->port);
+            memcpy (h->id, pc->tid, sizeof h->id);
+            memcpy (h->uuid, pc->uuid, sizeof h->uuid);
+            snprintf (h->req_id, sizeof h->req_id, "%s", pc->req_id);
+            s_post_task (self, h, pc->task, pc->agent_params);
+        }
+        free (pc->text);
+        json_decref (pc->agent_params);
+    }
+    self->npc = 0;
+    free (ops);
+    free (applied);
 }
 
 static void
@@ -1172,13 +1293,17 @@ static int
 s_on_pull (zloop_t *loop, zsock_t *pull, void *arg)
 {
     self_t *self = arg;
-    for (int k = 0; k < DRAIN_MAX; k++) {
+    /* at most PASS_MAX (the creations' capacity): the rest waits for the
+     * next pass, after the sockets had their turn */
+    for (int k = 0; k < PASS_MAX; k++) {
         zframe_t *f = zframe_recv_nowait (pull);
         if (!f)
             break;
         s_on_request (self, f);
         zframe_destroy (&f);
     }
+    s_flush_creates (self);
+    zhashx_purge (self->srv);
     return 0;
 }
 
@@ -1229,76 +1354,6 @@ s_apply_frame (json_t *rec, void *arg)
     return cn_task_apply_event (rec, a->seq, a->name, a->time_ms, a->event);
 }
 
-/* Apply one agent frame; true when it is settled (ack sent or never to
- * be), false to retry later (the store failed). */
-static bool
-s_frame (self_t *self, uint64_t sid, const char *uuid, const void *data, size_t size)
-{
-    cn_msg_t m;
-    char err[96];
-    if (cn_msg_parse (&m, data, size, err, sizeof err) != 0) {
-        CN_WARN (COMPONENT, "bad task frame", "{s:s,s:s}", "server_uuid", uuid, "error", err);
-        return true;
-    }
-    frame_arg_t a;
-    memset (&a, 0, sizeof a);
-    a.end = cn_msg_is (&m, "task_end");
-    a.uuid = uuid;
-    char id[37] = "";
-    char *rawid = cn_msg_strdup (&m, "id");
-    char *name = cn_msg_strdup (&m, "name");
-    char *status = cn_msg_strdup (&m, "status");
-    cn_msg_uint (&m, "seq", &a.seq);
-    if (!cn_msg_int (&m, "time_ms", &a.time_ms))
-        a.time_ms = cn_now_ms ();
-    a.name = name;
-    a.status = status;
-    const msgpack_object *o;
-    if ((o = cn_msg_get (&m, "event")) && o->type == MSGPACK_OBJECT_MAP)
-        a.event = cn_msgpack_to_json (o);
-    if ((o = cn_msg_get (&m, "result")))
-        a.result = cn_msgpack_to_json (o);
-    if ((o = cn_msg_get (&m, "error")) && o->type == MSGPACK_OBJECT_MAP)
-        a.error = cn_msgpack_to_json (o);
-    bool settled = true;
-    self->frames++;
-    if (!rawid || !cn_uuid_normalize (rawid, id)) {
-        CN_WARN (COMPONENT, "task frame for a task id that is not a UUID; acked",
-                 "{s:s,s:s?}", "server_uuid", uuid, "task_id", rawid);
-        if (rawid)
-            s_ack (self, sid, rawid, a.seq);
-        goto done;
-    }
-    bool changed = false;
-    int rc = s_update (self, id, s_apply_frame, &a, &changed, NULL);
-    if (rc == CN_MORAY_NOTFOUND)
-        CN_WARN (COMPONENT, "task frame for an unknown task; acked", "{s:s,s:s}",
-                 "server_uuid", uuid, "task_id", id);
-    else
-    if (a.foreign)
-        CN_WARN (COMPONENT, "task frame from a server the task is not for; acked",
-                 "{s:s,s:s}", "server_uuid", uuid, "task_id", id);
-    else
-    if (rc != CN_MORAY_OK) {
-        settled = false;
-        goto done;
-    }
-    else
-    if (changed && a.end)
-        CN_INFO (COMPONENT, "task ended", "{s:s,s:s,s:s}", "task_id", id, "server_uuid", uuid,
-                 "status", status ? status : "");
-    s_ack (self, sid, rawid, a.seq);
-done:
-    json_decref (a.event);
-    json_decref (a.result);
-    json_decref (a.error);
-    free (rawid);
-    free (name);
-    free (status);
-    cn_msg_fini (&m);
-    return settled;
-}
-
 static void
 s_fretry_free (void **item)
 {
@@ -1310,61 +1365,305 @@ s_fretry_free (void **item)
     *item = NULL;
 }
 
+/* One frame of a batch, parsed. */
+typedef struct {
+    fretry_t *src;
+    cn_msg_t m;
+    bool parsed;
+    frame_arg_t a;
+    char id[37];
+    char *rawid, *name, *status;
+    size_t rec;                 /* index in the batch's records */
+    bool settled;               /* acked (or never to be) at parse time */
+    bool changed;
+} fitem_t;
+
+/* One record of a batch. */
+typedef struct {
+    json_t *rec;                /* NULL: no such task */
+    bool bad;                   /* stored, but not a JSON object */
+    bool was_active;
+    bool dirty;
+} frec_t;
+
+/* Parse it->src's frame. A frame that is not a message, or whose id is not
+ * a UUID, is settled here (the latter acked). */
 static void
-s_on_hub_frame (self_t *self, zframe_t *f)
+s_fitem_parse (self_t *self, fitem_t *it)
+{
+    fretry_t *r = it->src;
+    char err[96];
+    if (cn_msg_parse (&it->m, zframe_data (r->frame), zframe_size (r->frame), err, sizeof err)
+        != 0) {
+        CN_WARN (COMPONENT, "bad task frame", "{s:s,s:s}", "server_uuid", r->uuid,
+                 "error", err);
+        it->settled = true;
+        return;
+    }
+    it->parsed = true;
+    frame_arg_t *a = &it->a;
+    a->end = cn_msg_is (&it->m, "task_end");
+    a->uuid = r->uuid;
+    it->rawid = cn_msg_strdup (&it->m, "id");
+    it->name = cn_msg_strdup (&it->m, "name");
+    it->status = cn_msg_strdup (&it->m, "status");
+    cn_msg_uint (&it->m, "seq", &a->seq);
+    if (!cn_msg_int (&it->m, "time_ms", &a->time_ms))
+        a->time_ms = cn_now_ms ();
+    a->name = it->name;
+    a->status = it->status;
+    const msgpack_object *o;
+    if ((o = cn_msg_get (&it->m, "event")) && o->type == MSGPACK_OBJECT_MAP)
+        a->event = cn_msgpack_to_json (o);
+    if ((o = cn_msg_get (&it->m, "result")))
+        a->result = cn_msgpack_to_json (o);
+    if ((o = cn_msg_get (&it->m, "error")) && o->type == MSGPACK_OBJECT_MAP)
+        a->error = cn_msgpack_to_json (o);
+    self->frames++;
+    if (!it->rawid || !cn_uuid_normalize (it->rawid, it->id)) {
+        CN_WARN (COMPONENT, "task frame for a task id that is not a UUID; acked",
+                 "{s:s,s:s?}", "server_uuid", r->uuid, "task_id", it->rawid);
+        if (it->rawid)
+            s_ack (self, r->sid, it->rawid, a->seq);
+        it->settled = true;
+    }
+}
+
+static void
+s_fitem_fini (fitem_t *it)
+{
+    json_decref (it->a.event);
+    json_decref (it->a.result);
+    json_decref (it->a.error);
+    free (it->rawid);
+    free (it->name);
+    free (it->status);
+    if (it->parsed)
+        cn_msg_fini (&it->m);
+}
+
+/* Apply the agent frames v[0..n) (n <= PASS_MAX) together: lock their
+ * records (one statement, in key order), apply every frame to its record
+ * in memory in arrival order (idempotent by seq; an ended task never
+ * changes), write each changed record once, commit once; then publish the
+ * ends on cnapi:tasks and ack. settled[i] false: v[i] was not acked
+ * because the store failed (or its stored record is unreadable); retry it. */
+static void
+s_frames_batch (self_t *self, fretry_t **v, size_t n, bool *settled)
+{
+    fitem_t *it = calloc (n, sizeof *it);
+    frec_t *recs = calloc (n, sizeof *recs);
+    const char **keys = calloc (n, sizeof *keys);
+    cn_mobj_t *objs = calloc (n, sizeof *objs);
+    cn_mop_t *ops = calloc (n, sizeof *ops);
+    char **texts = calloc (n, sizeof *texts);
+    zhashx_t *byid = zhashx_new ();
+    if ((n && (!it || !recs || !keys || !objs || !ops || !texts)) || !byid)
+        abort ();
+    size_t nrec = 0;
+    for (size_t i = 0; i < n; i++) {
+        it[i].src = v[i];
+        s_fitem_parse (self, &it[i]);
+        if (it[i].settled)
+            continue;
+        uintptr_t k = (uintptr_t) zhashx_lookup (byid, it[i].id);
+        if (!k) {
+            keys[nrec] = it[i].id;
+            k = ++nrec;
+            zhashx_insert (byid, it[i].id, (void *) k);
+        }
+        it[i].rec = (size_t) k - 1;
+    }
+    int rc = CN_MORAY_OK;
+    size_t nops = 0;
+    if (nrec) {
+        rc = s_bucket (self) ? cn_moray_begin (self->moray) : CN_MORAY_EIO;
+        if (rc == CN_MORAY_OK)
+            rc = cn_moray_get_many_locked (self->moray, CN_BUCKET_TASKS, keys, nrec, objs);
+        if (rc == CN_MORAY_OK) {
+            for (size_t k = 0; k < nrec; k++) {
+                if (!objs[k].key)
+                    continue;
+                json_error_t jerr;
+                json_t *r = json_loadb (objs[k].value, objs[k].value_len, 0, &jerr);
+                if (!json_is_object (r)) {
+                    json_decref (r);
+                    CN_ERROR (COMPONENT, "stored task is not a JSON object", "{s:s}",
+                              "task_id", keys[k]);
+                    recs[k].bad = true;
+                    continue;
+                }
+                recs[k].rec = r;
+                recs[k].was_active = cn_task_active (r);
+            }
+            for (size_t i = 0; i < n; i++) {
+                if (it[i].settled || !recs[it[i].rec].rec)
+                    continue;
+                if (s_apply_frame (recs[it[i].rec].rec, &it[i].a) > 0) {
+                    recs[it[i].rec].dirty = true;
+                    it[i].changed = true;
+                }
+            }
+            for (size_t k = 0; k < nrec; k++) {
+                if (!recs[k].dirty)
+                    continue;
+                texts[nops] = json_dumps (recs[k].rec, JSON_COMPACT);
+                if (!texts[nops])
+                    abort ();
+                ops[nops] = (cn_mop_t) { .kind = CN_MOP_PUT, .bucket = CN_BUCKET_TASKS,
+                                         .key = keys[k], .value = texts[nops],
+                                         .etag = objs[k].etag };
+                nops++;
+            }
+            if (nops)
+                rc = cn_moray_batch (self->moray, ops, nops, NULL);
+            if (rc == CN_MORAY_OK)
+                rc = cn_moray_commit (self->moray);
+        }
+        if (rc != CN_MORAY_OK) {
+            cn_moray_rollback (self->moray);
+            self->store_failures++;
+            if (rc == CN_MORAY_CONFLICT)
+                self->conflicts++;
+            s_set_error (self, "write", cn_moray_errmsg (self->moray));
+        }
+    }
+    /* committed: the ends first, then the acks */
+    for (size_t k = 0; rc == CN_MORAY_OK && k < nrec; k++) {
+        if (!recs[k].dirty || !recs[k].was_active || cn_task_active (recs[k].rec))
+            continue;
+        const char *st = json_string_value (json_object_get (recs[k].rec, "status"));
+        if (st && strcmp (st, "complete") == 0)
+            self->completed++;
+        else
+            self->failed++;
+        s_publish (self, keys[k], st ? st : "failure");
+    }
+    for (size_t i = 0; i < n; i++) {
+        settled[i] = true;
+        if (it[i].settled)
+            continue;
+        frec_t *fr = &recs[it[i].rec];
+        const char *uuid = it[i].src->uuid;
+        if (rc != CN_MORAY_OK || fr->bad) {
+            settled[i] = false;
+            continue;
+        }
+        if (!fr->rec)
+            CN_WARN (COMPONENT, "task frame for an unknown task; acked", "{s:s,s:s}",
+                     "server_uuid", uuid, "task_id", it[i].id);
+        else
+        if (it[i].a.foreign)
+            CN_WARN (COMPONENT, "task frame from a server the task is not for; acked",
+                     "{s:s,s:s}", "server_uuid", uuid, "task_id", it[i].id);
+        else
+        if (it[i].changed && it[i].a.end)
+            CN_INFO (COMPONENT, "task ended", "{s:s,s:s,s:s}", "task_id", it[i].id,
+                     "server_uuid", uuid, "status", it[i].status ? it[i].status : "");
+        s_ack (self, it[i].src->sid, it[i].rawid, it[i].a.seq);
+    }
+    for (size_t i = 0; i < n; i++)
+        s_fitem_fini (&it[i]);
+    for (size_t k = 0; k < nrec; k++) {
+        json_decref (recs[k].rec);
+        cn_mobj_fini (&objs[k]);
+    }
+    for (size_t i = 0; i < nops; i++)
+        free (texts[i]);
+    zhashx_destroy (&byid);
+    free (it);
+    free (recs);
+    free (keys);
+    free (objs);
+    free (ops);
+    free (texts);
+}
+
+/* Apply a batch; what is not settled goes (back) to the retry queue, every
+ * FRAME_RETRY_MS for up to FRAME_RETRY_MAX retries; then it is left to the
+ * agent's resend after a welcome. */
+static void
+s_apply_frames (self_t *self, fretry_t **v, size_t n, bool retrying)
+{
+    if (n == 0)
+        return;
+    bool settled[PASS_MAX];
+    s_frames_batch (self, v, n, settled);
+    int64_t now = cn_now_ms ();
+    for (size_t i = 0; i < n; i++) {
+        void *item = v[i];
+        if (settled[i]) {
+            s_fretry_free (&item);
+            continue;
+        }
+        if (retrying ? ++v[i]->attempts >= FRAME_RETRY_MAX
+                     : zlistx_size (self->retry) >= FRAME_RETRY_QUEUE) {
+            self->frames_dropped++;     /* the agent sends it again after a welcome */
+            s_fretry_free (&item);
+            continue;
+        }
+        v[i]->next_ms = now + FRAME_RETRY_MS;
+        zlistx_add_end (self->retry, v[i]);
+    }
+}
+
+/* A task_frame message from the hub: the agent frame to apply (NULL when
+ * the message is not one). */
+static fretry_t *
+s_hub_frame (self_t *self, zframe_t *f)
 {
     cn_msg_t m;
     char err[96] = "";
     if (cn_msg_parse (&m, zframe_data (f), zframe_size (f), err, sizeof err) != 0) {
         CN_WARN (COMPONENT, "bad message from the hub", "{s:s}", "error", err);
-        return;
+        return NULL;
     }
-    if (!cn_msg_is (&m, "task_frame")) {
-        cn_msg_fini (&m);
-        return;
-    }
-    uint64_t sid = 0;
-    cn_msg_uint (&m, "sid", &sid);
-    char uuid[37] = "";
-    s_copy_str (&m, "uuid", uuid, sizeof uuid);
-    const msgpack_object *fr = cn_msg_get (&m, "frame");
-    if (fr && fr->type == MSGPACK_OBJECT_BIN && uuid[0]
-        && !s_frame (self, sid, uuid, fr->via.bin.ptr, fr->via.bin.size)) {
-        if (zlistx_size (self->retry) >= FRAME_RETRY_QUEUE)
-            self->frames_dropped++;     /* the agent sends it again after a welcome */
-        else {
-            fretry_t *r = calloc (1, sizeof *r);
+    fretry_t *r = NULL;
+    if (cn_msg_is (&m, "task_frame")) {
+        uint64_t sid = 0;
+        cn_msg_uint (&m, "sid", &sid);
+        char uuid[37] = "";
+        s_copy_str (&m, "uuid", uuid, sizeof uuid);
+        const msgpack_object *fr = cn_msg_get (&m, "frame");
+        if (fr && fr->type == MSGPACK_OBJECT_BIN && uuid[0]) {
+            r = calloc (1, sizeof *r);
             if (!r)
                 abort ();
             r->sid = sid;
             memcpy (r->uuid, uuid, sizeof r->uuid);
             r->frame = zframe_new (fr->via.bin.ptr, fr->via.bin.size);
-            r->next_ms = cn_now_ms () + FRAME_RETRY_MS;
-            zlistx_add_end (self->retry, r);
         }
     }
     cn_msg_fini (&m);
+    return r;
 }
 
 static int
 s_on_frames (zloop_t *loop, zsock_t *sock, void *arg)
 {
     self_t *self = arg;
-    for (int k = 0; k < DRAIN_MAX; k++) {
+    fretry_t *v[PASS_MAX];
+    size_t n = 0;
+    while (n < PASS_MAX) {
         zframe_t *f = zframe_recv_nowait (sock);
         if (!f)
             break;
-        s_on_hub_frame (self, f);
+        fretry_t *r = s_hub_frame (self, f);
         zframe_destroy (&f);
+        if (r)
+            v[n++] = r;
     }
+    s_apply_frames (self, v, n, false);
     return 0;
 }
 
 static void
 s_retry_frames (self_t *self, int64_t now)
 {
-    /* one pass over the queue, in order (detached from the front, put back
-     * at the end when not settled) */
+    /* one pass over the queue, in order (detached from the front; what is
+     * not due or not settled goes back at the end), in batches */
+    fretry_t *v[PASS_MAX];
+    size_t nb = 0;
     size_t n = zlistx_size (self->retry);
     for (size_t i = 0; i < n; i++) {
         fretry_t *r = zlistx_detach (self->retry, NULL);
@@ -1375,18 +1674,13 @@ s_retry_frames (self_t *self, int64_t now)
             continue;
         }
         self->frame_retries++;
-        bool done = s_frame (self, r->sid, r->uuid, zframe_data (r->frame),
-                             zframe_size (r->frame));
-        if (!done && ++r->attempts < FRAME_RETRY_MAX) {
-            r->next_ms = now + FRAME_RETRY_MS;
-            zlistx_add_end (self->retry, r);
-            continue;
+        v[nb++] = r;
+        if (nb == PASS_MAX) {
+            s_apply_frames (self, v, nb, true);
+            nb = 0;
         }
-        if (!done)
-            self->frames_dropped++;     /* the agent sends it again after a welcome */
-        void *item = r;
-        s_fretry_free (&item);
     }
+    s_apply_frames (self, v, nb, true);
 }
 
 /* ------------------------------------------------------------------ */
@@ -1796,6 +2090,11 @@ cn_tasks_actor (zsock_t *pipe, void *args)
     zhashx_set_duplicator (self->checking, NULL);
     self->retry = zlistx_new ();
     zlistx_set_destructor (self->retry, s_fretry_free);
+    self->pc = calloc (PASS_MAX, sizeof *self->pc);
+    self->srv = zhashx_new ();
+    if (!self->pc || !self->srv)
+        abort ();
+    zhashx_set_destructor (self->srv, s_srv_free);
     zloop_set_nonstop (self->loop, true);
     zloop_reader (self->loop, pipe, s_on_pipe, self);
     zsock_signal (pipe, 0);
@@ -1813,6 +2112,12 @@ cn_tasks_actor (zsock_t *pipe, void *args)
     zhashx_destroy (&self->waits);
     zhashx_destroy (&self->checking);
     zlistx_destroy (&self->retry);
+    zhashx_destroy (&self->srv);
+    for (size_t i = 0; i < self->npc; i++) {
+        free (self->pc[i].text);
+        json_decref (self->pc[i].agent_params);
+    }
+    free (self->pc);
     free (self->marks);
     cn_moray_destroy (&self->moray);
     cn_redis_destroy (&self->redis);

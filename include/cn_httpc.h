@@ -8,7 +8,9 @@
  *   ... s_on_done (const cn_httpc_res_t *res, void *arg) runs later, once
  *   cn_httpc_destroy (&c);                            // no more callbacks
  *
- * One TCP connection per request ("Connection: close"), IPv4 addresses
+ * Keep-alive connections per ip:port (an idle one carries the next request;
+ * a request that finds it closed by the peer before any answer is sent again
+ * once on a new connection, so requests must be safe to repeat), IPv4 addresses
  * only (admin_ip is an address, never a name: no resolver, nothing
  * blocks). At most per_host requests are in flight per ip:port; more wait
  * in that host's queue (in order). Each request must be answered within

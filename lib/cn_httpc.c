@@ -14,6 +14,13 @@
  * the new connection on that descriptor, which simply tries its I/O and
  * gets EAGAIN).
  *
+ * Keep-alive: a response framed by its Content-Length (or without a body)
+ * that does not say "Connection: close" leaves its connection idle on the
+ * host (at most per_host, polled for the peer's close, closed after
+ * IDLE_MS); the host's next request takes the newest idle connection
+ * instead of connecting. A request on a reused connection that fails
+ * before any byte of an answer is sent again once on a new connection.
+ *
  * A 50 ms timer ends connections past their deadline and delivers reports
  * that are due (requests that failed before they had a socket): callbacks
  * never run inside cn_httpc_request.
@@ -35,6 +42,9 @@
 
 #define TICK_MS 50
 #define READ_CHUNK 16384
+/* An idle keep-alive connection is closed after this long (under h2o's
+ * 10 s request timeout, the agents' server, so we close first). */
+#define IDLE_MS 5000
 
 typedef struct host host_t;
 
@@ -50,9 +60,18 @@ typedef struct req {
     int fd;
     int events;                 /* registered poll events (0 = none) */
     bool connected;
+    bool reused;                /* on a kept-alive connection */
+    bool fresh;                 /* retried: a new connection only */
     int64_t deadline_ms;
     const char *err;            /* done list: the failure to report */
 } req_t;
+
+/* An idle kept-alive connection. */
+typedef struct idle {
+    struct idle *next;
+    int fd;
+    int64_t since_ms;
+} idle_t;
 
 struct host {
     host_t *next;
@@ -63,6 +82,8 @@ struct host {
     int active;
     size_t queued;
     req_t *qhead, *qtail;
+    idle_t *idle;               /* newest first */
+    int nidle;
 };
 
 struct cn_httpc {
@@ -72,6 +93,7 @@ struct cn_httpc {
     int timeout_ms;
     host_t *hosts;
     req_t **byfd;               /* fd -> request holding it */
+    host_t **idlefd;            /* fd -> host whose idle connection it is */
     size_t nfd;
     size_t in_flight, queued;
     req_t *done_head, *done_tail;   /* failed before a socket: report on the tick */
@@ -173,10 +195,14 @@ s_dechunk (const char *p, const char *end, char **out, size_t *olen)
     }
 }
 
-int
-cn_httpc_parse (const char *buf, size_t len, bool eof, int *status, const char **body,
-                size_t *blen, bool *owned)
+/* cn_httpc_parse, and *keep: the response was framed by its length (or
+ * had no body), ended exactly at len, and did not say "Connection: close":
+ * the connection may carry the next request. */
+static int
+s_parse (const char *buf, size_t len, bool eof, int *status, const char **body,
+         size_t *blen, bool *owned, bool *keep)
 {
+    *keep = false;
     *owned = false;
     *body = NULL;
     *blen = 0;
@@ -192,7 +218,7 @@ cn_httpc_parse (const char *buf, size_t len, bool eof, int *status, const char *
             || p[11] > '9' || (eol - p > 12 && p[12] != ' '))
             return -1;
         int st = (p[9] - '0') * 100 + (p[10] - '0') * 10 + (p[11] - '0');
-        bool chunked = false, have_cl = false;
+        bool chunked = false, have_cl = false, close = false;
         size_t cl = 0;
         const char *l = eol + 2;
         while (l < he + 2) {
@@ -218,6 +244,12 @@ cn_httpc_parse (const char *buf, size_t len, bool eof, int *status, const char *
                 have_cl = true;
             }
             else
+            if (s_hdr_is (l, nlen, "connection")) {
+                for (const char *d = v; d + 5 <= le; d++)
+                    if (strncasecmp (d, "close", 5) == 0)
+                        close = true;
+            }
+            else
             if (s_hdr_is (l, nlen, "transfer-encoding")) {
                 for (const char *d = v; d + 7 <= le; d++)
                     if (strncasecmp (d, "chunked", 7) == 0)
@@ -231,8 +263,10 @@ cn_httpc_parse (const char *buf, size_t len, bool eof, int *status, const char *
             continue;
         }
         *status = st;
-        if (st == 204 || st == 304)
+        if (st == 204 || st == 304) {
+            *keep = !close && !eof && b == end;
             return 1;
+        }
         if (chunked) {
             char *o = NULL;
             size_t n = 0;
@@ -251,6 +285,7 @@ cn_httpc_parse (const char *buf, size_t len, bool eof, int *status, const char *
                 return eof ? -1 : 0;
             *body = b;
             *blen = cl;
+            *keep = !close && !eof && (size_t) (end - b) == cl;
             return 1;
         }
         if (!eof)
@@ -259,6 +294,14 @@ cn_httpc_parse (const char *buf, size_t len, bool eof, int *status, const char *
         *blen = (size_t) (end - b);
         return 1;
     }
+}
+
+int
+cn_httpc_parse (const char *buf, size_t len, bool eof, int *status, const char **body,
+                size_t *blen, bool *owned)
+{
+    bool keep;
+    return s_parse (buf, len, eof, status, body, blen, owned, &keep);
 }
 
 /* ------------------------------------------------------------------ */
@@ -291,24 +334,90 @@ s_poll (cn_httpc_t *c, req_t *r, int events)
     }
 }
 
-/* End r (with a response or an error), report, free, start what waits. */
+static void s_begin (cn_httpc_t *c, req_t *r);
+
+/* Keep fd open as an idle connection of h (polled for the peer's close);
+ * closed instead when h has per_host idle already. */
 static void
-s_finish (cn_httpc_t *c, req_t *r, const char *err, int status, const char *body, size_t blen)
+s_idle_put (cn_httpc_t *c, host_t *h, int fd)
+{
+    idle_t *i = h->nidle < c->per_host ? calloc (1, sizeof *i) : NULL;
+    zmq_pollitem_t item = { NULL, fd, ZMQ_POLLIN, 0 };
+    if (!i || zloop_poller (c->loop, &item, s_on_io, c) != 0) {
+        free (i);
+        close (fd);
+        return;
+    }
+    i->fd = fd;
+    i->since_ms = cn_now_ms ();
+    i->next = h->idle;
+    h->idle = i;
+    h->nidle++;
+    c->idlefd[fd] = h;
+}
+
+/* Forget idle connection fd of h (its poller ended); close it when asked. */
+static void
+s_idle_drop (cn_httpc_t *c, host_t *h, int fd, bool do_close)
+{
+    for (idle_t **pp = &h->idle; *pp; pp = &(*pp)->next) {
+        if ((*pp)->fd != fd)
+            continue;
+        idle_t *i = *pp;
+        *pp = i->next;
+        free (i);
+        h->nidle--;
+        break;
+    }
+    zmq_pollitem_t item = { NULL, fd, 0, 0 };
+    zloop_poller_end (c->loop, &item);
+    c->idlefd[fd] = NULL;
+    if (do_close)
+        close (fd);
+}
+
+/* End r (with a response or an error), report, free, start what waits.
+ * keep: the connection may carry the next request to the host. A request
+ * on a reused connection that failed before any byte of an answer (the
+ * agent closed the idle connection meanwhile) is sent again once, on a new
+ * connection: every request here may be repeated (POST /tasks is
+ * idempotent by x-cnapi-task-id; the others are reads). */
+static void
+s_finish_ex (cn_httpc_t *c, req_t *r, const char *err, int status, const char *body,
+             size_t blen, bool keep)
 {
     host_t *h = r->host;
+    bool retry = err && r->reused && r->in_len == 0 && strcmp (err, "timeout") != 0;
     if (r->fd >= 0) {
         s_poll (c, r, 0);
         if ((size_t) r->fd < c->nfd && c->byfd[r->fd] == r)
             c->byfd[r->fd] = NULL;
-        close (r->fd);
+        if (keep && !err)
+            s_idle_put (c, h, r->fd);
+        else
+            close (r->fd);
         r->fd = -1;
         c->in_flight--;
         h->active--;
+    }
+    if (retry) {
+        r->reused = false;
+        r->fresh = true;
+        r->connected = false;
+        r->out_off = 0;
+        s_begin (c, r);
+        return;
     }
     cn_httpc_res_t res = { err ? 0 : status, err, body, err ? 0 : blen };
     r->cb (&res, r->arg);
     s_req_free (r);
     s_start_queued (c, h);
+}
+
+static void
+s_finish (cn_httpc_t *c, req_t *r, const char *err, int status, const char *body, size_t blen)
+{
+    s_finish_ex (c, r, err, status, body, blen, false);
 }
 
 /* Try to complete the response; true when r was finished. */
@@ -318,17 +427,17 @@ s_try_parse (cn_httpc_t *c, req_t *r, bool eof)
     int status = 0;
     const char *body = NULL;
     size_t blen = 0;
-    bool owned = false;
-    int rc = cn_httpc_parse (r->in ? r->in : "", r->in_len, eof, &status, &body, &blen, &owned);
+    bool owned = false, keep = false;
+    int rc = s_parse (r->in ? r->in : "", r->in_len, eof, &status, &body, &blen, &owned, &keep);
     if (rc == 0)
         return false;
     if (rc < 0) {
         s_finish (c, r, eof && r->in_len == 0 ? "closed" : "bad response", 0, NULL, 0);
         return true;
     }
-    char *keep = owned ? (char *) body : NULL;
-    s_finish (c, r, NULL, status, body, blen);
-    free (keep);
+    char *mine = owned ? (char *) body : NULL;
+    s_finish_ex (c, r, NULL, status, body, blen, keep);
+    free (mine);
     return true;
 }
 
@@ -412,6 +521,15 @@ s_on_io (zloop_t *loop, zmq_pollitem_t *item, void *arg)
     if (item->fd < 0 || (size_t) item->fd >= c->nfd)
         return 0;
     req_t *r = c->byfd[item->fd];
+    if (!r && c->idlefd[item->fd]) {
+        /* an idle connection readable: the peer closed it (or sent what
+         * nobody asked for); a leftover poll item finds nothing to read */
+        char b;
+        ssize_t n = recv (item->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+        if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+            s_idle_drop (c, c->idlefd[item->fd], item->fd, true);
+        return 0;
+    }
     if (!r)
         return 0;               /* a leftover poll item of a finished request */
     s_io (c, r, item->revents);
@@ -435,6 +553,21 @@ static void
 s_begin (cn_httpc_t *c, req_t *r)
 {
     host_t *h = r->host;
+    if (h->idle && !r->fresh) {
+        int fd = h->idle->fd;
+        s_idle_drop (c, h, fd, false);
+        r->fd = fd;
+        c->byfd[fd] = r;
+        c->in_flight++;
+        h->active++;
+        r->reused = true;
+        r->connected = true;
+        r->deadline_ms = cn_now_ms () + c->timeout_ms;
+        s_poll (c, r, ZMQ_POLLOUT);
+        if (r->events == 0)
+            s_finish (c, r, "closed", 0, NULL, 0);     /* retried on a new connection */
+        return;
+    }
     int fd = socket (AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {
         s_defer_fail (c, r, "connect");
@@ -447,10 +580,13 @@ s_begin (cn_httpc_t *c, req_t *r)
         while (n <= (size_t) fd)
             n *= 2;
         req_t **t = realloc (c->byfd, n * sizeof *t);
-        if (!t)
+        host_t **it = realloc (c->idlefd, n * sizeof *it);
+        if (!t || !it)
             abort ();
         memset (t + c->nfd, 0, (n - c->nfd) * sizeof *t);
+        memset (it + c->nfd, 0, (n - c->nfd) * sizeof *it);
         c->byfd = t;
+        c->idlefd = it;
         c->nfd = n;
     }
     r->fd = fd;
@@ -505,6 +641,17 @@ s_on_tick (zloop_t *loop, int timer_id, void *arg)
         if (r && now >= r->deadline_ms)
             s_finish (c, r, "timeout", 0, NULL, 0);
     }
+    for (host_t *h = c->hosts; h; h = h->next) {
+        idle_t **pp = &h->idle;
+        while (*pp) {
+            idle_t *i = *pp;
+            if (now - i->since_ms < IDLE_MS) {
+                pp = &i->next;
+                continue;
+            }
+            s_idle_drop (c, h, i->fd, true);    /* unlinks i */
+        }
+    }
     /* reports due (a callback may add more: those wait for the next tick) */
     req_t *d = c->done_head;
     c->done_head = c->done_tail = NULL;
@@ -554,6 +701,8 @@ cn_httpc_destroy (cn_httpc_t **p)
     while (c->hosts) {
         host_t *h = c->hosts;
         c->hosts = h->next;
+        while (h->idle)
+            s_idle_drop (c, h, h->idle->fd, true);
         while (h->qhead) {
             req_t *r = h->qhead;
             h->qhead = r->next;
@@ -566,6 +715,7 @@ cn_httpc_destroy (cn_httpc_t **p)
         c->done_head = r->next;
         s_req_free (r);
     }
+    free (c->idlefd);
     if (c->timer >= 0)
         zloop_timer_end (c->loop, c->timer);
     free (c);
@@ -612,7 +762,7 @@ cn_httpc_request (cn_httpc_t *c, const char *ip, int port, const char *method,
         abort ();
     int n = snprintf (r->out, cap,
                       "%s %s HTTP/1.1\r\nHost: %s:%d\r\n%sContent-Length: %zu\r\n"
-                      "Connection: close\r\n\r\n", method, path, h->ip, port,
+                      "Connection: keep-alive\r\n\r\n", method, path, h->ip, port,
                       headers ? headers : "", len);
     r->out_len = (size_t) n;
     if (len) {

@@ -318,6 +318,91 @@ test_requests (void)
     zloop_destroy (&loop);
 }
 
+/* A listener that serves up to per requests on each of conns connections
+ * (keep-alive), then closes that connection. */
+typedef struct {
+    int fd;
+    int conns, per;
+    int accepted, served;
+} ka_t;
+
+static void *
+s_ka_server (void *arg)
+{
+    ka_t *s = arg;
+    const char *answer = "HTTP/1.1 202 Accepted\r\nContent-Length: 2\r\n\r\nok";
+    for (int i = 0; i < s->conns; i++) {
+        int c = accept (s->fd, NULL, NULL);
+        if (c < 0)
+            break;
+        s->accepted++;
+        for (int j = 0; j < s->per; j++) {
+            char buf[4096];
+            ssize_t got = 0, r = 0;
+            while ((r = recv (c, buf + got, sizeof buf - 1 - (size_t) got, 0)) > 0) {
+                got += r;
+                buf[got] = 0;
+                char *e = strstr (buf, "\r\n\r\n");
+                char *cl = strstr (buf, "Content-Length: ");
+                if (e && (!cl || (size_t) (got - (e + 4 - buf)) >= (size_t) atoi (cl + 16)))
+                    break;
+            }
+            if (r <= 0)
+                break;
+            ssize_t w = send (c, answer, strlen (answer), MSG_NOSIGNAL);
+            (void) w;
+            s->served++;
+        }
+        close (c);
+    }
+    return NULL;
+}
+
+/* Keep-alive: requests to one host reuse its idle connection; one closed
+ * by the peer meanwhile is replaced by a new connection, unseen by the
+ * caller. */
+static void
+test_keepalive (void)
+{
+    results_t res;
+    memset (&res, 0, sizeof res);
+    s_res = &res;
+    int port = 0;
+    ka_t srv = { s_listen (&port), 2, 3, 0, 0 };
+    pthread_t th;
+    pthread_create (&th, NULL, s_ka_server, &srv);
+    zloop_t *loop = zloop_new ();
+    cn_httpc_t *c = cn_httpc_new (loop, 1, 2000);
+    for (int i = 0; i < 3; i++)
+        cn_httpc_request (c, "127.0.0.1", port, "POST", "/tasks", NULL, "{}", 2, s_cb,
+                          (void *) (intptr_t) i);
+    int want = 3;
+    zloop_timer (loop, 10, 0, s_stop_when_done, &want);
+    zloop_timer (loop, 5000, 1, s_stop_when_done, &(int) { 0 });
+    zloop_start (loop);
+    CHECK_INT (res.done, 3);
+    for (int i = 0; i < 3; i++) {
+        CHECK_INT (res.status[i], 202);
+        CHECK_STR (res.body[i], "ok");
+    }
+    CHECK_INT (srv.accepted, 1);
+    /* the server closed that connection after 3: the next one connects anew */
+    cn_httpc_request (c, "127.0.0.1", port, "POST", "/tasks", NULL, "{}", 2, s_cb,
+                      (void *) (intptr_t) 3);
+    want = 4;
+    zloop_timer (loop, 5000, 1, s_stop_when_done, &(int) { 0 });
+    zloop_start (loop);
+    CHECK_INT (res.done, 4);
+    CHECK_INT (res.status[3], 202);
+    CHECK (res.err[3] == NULL);
+    CHECK_INT (srv.accepted, 2);
+    CHECK_INT (srv.served, 4);
+    cn_httpc_destroy (&c);      /* closes the idle connection: the server ends */
+    zloop_destroy (&loop);
+    close (srv.fd);
+    pthread_join (th, NULL);
+}
+
 int
 main (void)
 {
@@ -325,5 +410,6 @@ main (void)
     RUN (test_timeout_param);
     RUN (test_parse);
     RUN (test_requests);
+    RUN (test_keepalive);
     return cn_test_done ();
 }
