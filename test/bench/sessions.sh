@@ -111,8 +111,18 @@ C_AFTER=$(ctl 1 -j actors | $PY -c 'import json,sys; s=json.load(sys.stdin)["ses
 STATS_END=$(tail -n1 "$STATE/mc-1.stats")
 if [ "$PERF" = 1 ]; then
   perf record -g -o "$STATE/perf.data" -p "$PID" -- sleep 10 >/dev/null 2>&1 || true
-  perf report -i "$STATE/perf.data" --no-children --sort symbol --stdio 2>/dev/null \
-      | grep -v '^#' | grep '%' | head -25 >"$STATE/perf.top" || true
+  {
+    echo "-- by thread"
+    # (perf's "pid" sort key is per thread: "TID:cnapid")
+    perf report -i "$STATE/perf.data" --no-children --sort pid --stdio -g none 2>/dev/null \
+        | grep -v '^#' | grep '%' | head -6
+    for tid in $(perf report -i "$STATE/perf.data" --no-children --sort pid --stdio -g none 2>/dev/null \
+                 | grep -v '^#' | grep '%' | head -3 | grep -o '[0-9]*:cnapid' | cut -d: -f1); do
+      echo "-- thread $tid: top symbols"
+      perf report -i "$STATE/perf.data" --no-children --tid "$tid" --sort dso,symbol --stdio -g none 2>/dev/null \
+          | grep -v '^#' | grep '%' | head -12
+    done
+  } >"$STATE/perf.top" || true
 fi
 for p in "${MCPIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
 for p in "${MCPIDS[@]}"; do reap "$p"; done

@@ -113,7 +113,9 @@ start_cnapid() {
  "amqp": {"url": "$CNAPI_AMQP_URL"}, "postgres": {"conninfo": "$PG"},
  "redis": {"url": "$CNAPI_REDIS_URL"}}
 JSON
-  "$BUILD/cnapid" -c "$STATE/cnapid-$i.json" >>"$STATE/cnapid-$i.log" 2>&1 &
+  # CNAPI_* variables override the file (stack.env exports the stack's
+  # database): point this one at the benchmark's own database
+  CNAPI_POSTGRES_CONNINFO="$PG" "$BUILD/cnapid" -c "$STATE/cnapid-$i.json" >>"$STATE/cnapid-$i.log" 2>&1 &
   CNAPID_PID[$i]=$!
   PIDS+=($!)
 }
