@@ -40,7 +40,7 @@ static const cn_conf_key_t s_keys[] = {
     I ("writer.max_batch", writer_max_batch, 500, 1, 10000),
     I ("backend_threads", backend_threads, 2, 1, 64),
     I ("session.heartbeat_ms", session_heartbeat_ms, 1000, 50, 60000),
-    I ("session.dead_after_ms", session_dead_after_ms, 3000, 150, 300000),
+    I ("session.dead_after_ms", session_dead_after_ms, 2500, 150, 300000),
     I ("session.flush_ms", session_flush_ms, 5000, 100, 600000),
     I ("session.owner_grace_ms", session_owner_grace_ms, 5000, 0, 600000),
     I ("session.close_grace_ms", session_close_grace_ms, 500, 0, 60000),
