@@ -31,7 +31,7 @@ mkdir -p "$STATE"
 . "$STATE/stack/stack.env"
 # cnapid reads CNAPI_* as overrides of its config file: start it without the
 # stack's (they would point it at the stack's default database)
-no_cnapi_env () { env $(compgen -e | grep '^CNAPI_' | sed 's/^/-u /') "$@"; }
+NO_CNAPI_ENV=$(compgen -e | grep '^CNAPI_' | sed 's/^/-u /' | tr '\n' ' ')
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
@@ -49,7 +49,7 @@ cat > "$STATE/c.json" <<JSON
  "admin": {"endpoint": "ipc://$STATE/a.sock"}, "amqp": {"url": "$CNAPI_AMQP_URL"},
  "postgres": {"conninfo": "$PG"}, "redis": {"url": "$CNAPI_REDIS_URL"}}
 JSON
-no_cnapi_env "$BUILD/cnapid" -c "$STATE/c.json" >"$STATE/cnapid.log" 2>&1 &
+env $NO_CNAPI_ENV "$BUILD/cnapid" -c "$STATE/c.json" >"$STATE/cnapid.log" 2>&1 &
 PIDS+=($!)
 "$BUILD/sysinfo-burst" --url "$CNAPI_AMQP_URL" --servers "$SERVERS" --messages "$SERVERS" --prefix beef0001 --queue ur.cnapi >/dev/null
 for n in $(seq 1 1200); do

@@ -38,7 +38,7 @@ mkdir -p "$STATE"
 . "$STATE/stack/stack.env"
 # cnapid reads CNAPI_* as overrides of its config file: start it without the
 # stack's (they would point it at the stack's default database)
-no_cnapi_env () { env $(compgen -e | grep '^CNAPI_' | sed 's/^/-u /') "$@"; }
+NO_CNAPI_ENV=$(compgen -e | grep '^CNAPI_' | sed 's/^/-u /' | tr '\n' ' ')
 
 PIDS=()
 cleanup() {
@@ -78,7 +78,7 @@ for i in $(seq 1 "$INSTANCES"); do
  "amqp": {"url": "$CNAPI_AMQP_URL"}, "postgres": {"conninfo": "$PG"},
  "redis": {"url": "$CNAPI_REDIS_URL"}}
 JSON
-  no_cnapi_env "$BUILD/cnapid" -c "$STATE/bench-$i.json" >"$STATE/bench-$i.log" 2>&1 &
+  env $NO_CNAPI_ENV "$BUILD/cnapid" -c "$STATE/bench-$i.json" >"$STATE/bench-$i.log" 2>&1 &
   PIDS+=($!)
 done
 for n in $(seq 1 6000); do      # bounded: 10 minutes at 0.1 s
