@@ -139,6 +139,7 @@ typedef struct {
     cn_redis_sub_t *sub;
     bool resync_full_due;
     bool release_due;           /* a bye made a LINGER entry due now */
+    bool walk_needed;           /* some session may be LINGER or hold pending VM state */
 
     zhashx_t *owned;            /* uuid -> owned_t */
     zhashx_t *wpending;         /* tag -> wctx_t */
@@ -452,6 +453,7 @@ s_on_writer (self_t *self)
                  * apply the agent's events to it, and try again */
                 if (!o->pending) {
                     o->pending = json_pack ("{s:O,s:{}}", "vms", c->data, "vms_destroyed");
+                    self->walk_needed = true;
                     CN_INFO (COMPONENT, "no server record yet; keeping the VM state until "
                              "sysinfo arrives", "{s:s}", "server_uuid", o->uuid);
                 }
@@ -1117,6 +1119,7 @@ s_bye (self_t *self, uint64_t sid, const char *uuid, const char *reason)
          * retry); release only if it does not */
         o->state = O_LINGER;
         o->linger_until_ms = cn_now_ms () + self->cfg->session_close_grace_ms;
+        self->walk_needed = true;
         return;
     }
     /* released at the end of this wake-up together with every other
@@ -1126,6 +1129,7 @@ s_bye (self_t *self, uint64_t sid, const char *uuid, const char *reason)
     o->state = O_LINGER;
     o->linger_until_ms = 0;
     self->release_due = true;
+    self->walk_needed = true;
 }
 
 static void
@@ -1568,22 +1572,31 @@ s_on_tick (zloop_t *loop, int timer_id, void *arg)
     if (zlistx_size (self->batch) && now >= self->claim_retry_ms)
         s_claim_run (self);
 
-    /* lingering sessions whose agent did not come back; VM state retries */
-    size_t n = zhashx_size (self->owned), k = 0;
-    owned_t **due = calloc (n ? n : 1, sizeof *due);
-    for (owned_t *o = zhashx_first (self->owned); o; o = zhashx_next (self->owned)) {
-        if (o->state == O_LINGER && now >= o->linger_until_ms)
-            due[k++] = o;
-        else
-        if (o->state == O_OWNED && o->pending && !o->vms_in_flight && now >= o->vms_next_ms) {
-            json_t *vms = json_object_get (o->pending, "vms");
-            if (json_is_object (vms))
-                s_send_vms (self, o, vms);
+    /* lingering sessions whose agent did not come back; VM state retries.
+     * Only while there may be some: walking 15,000 owned sessions ten
+     * times a second for nothing was the sessions actor's largest cost
+     * (docs/benchmarks.md, "Sessions (issue 3)") */
+    if (self->walk_needed) {
+        size_t n = zhashx_size (self->owned), k = 0, left = 0;
+        owned_t **due = calloc (n ? n : 1, sizeof *due);
+        for (owned_t *o = zhashx_first (self->owned); o; o = zhashx_next (self->owned)) {
+            left += o->state == O_LINGER || o->pending != NULL;
+            if (o->state == O_LINGER && now >= o->linger_until_ms)
+                due[k++] = o;
+            else
+            if (o->state == O_OWNED && o->pending && !o->vms_in_flight
+                && now >= o->vms_next_ms) {
+                json_t *vms = json_object_get (o->pending, "vms");
+                if (json_is_object (vms))
+                    s_send_vms (self, o, vms);
+            }
         }
+        if (k)
+            s_release (self, due, k);
+        free (due);
+        /* the released ones were counted: one more walk clears the flag */
+        self->walk_needed = left > 0;
     }
-    if (k)
-        s_release (self, due, k);
-    free (due);
 
     if (now >= self->next_beat_ms) {
         self->next_beat_ms = now + 1000;
