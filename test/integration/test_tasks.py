@@ -483,14 +483,15 @@ def test_sweep_ends_orphans(t):
 
 
 def test_kill9_dispatcher(t):
-    """kill -9 of the instance that dispatched running tasks: every task
+    """kill -9 of the instance that dispatched 100 running tasks: every task
     ends complete or failure, none stays active, waits on the survivors
     return."""
-    url, db, ds, m, agent_port, uuids = _setup(t, count=6, vm_delay_ms=3000)
+    url, db, ds, m, agent_port, uuids = _setup(t, count=10, vm_delay_ms=3000)
     d1, d2, d3 = ds
     tids = []
+    # 100 tasks running (each VM takes 3 s to create) when d1 dies
     for i, cn in enumerate(uuids):
-        for k in range(2):
+        for k in range(10):
             r = d1.post("/servers/%s/vms" % cn, json={"ram": 64, "alias": "k%d" % k})
             tids.append(_ok_task(r))
     results, errors = {}, []
