@@ -417,11 +417,23 @@ s_flush_marks (self_t *self)
     self->nmarks -= n;
 }
 
+static void s_pump (self_t *self);
+
 static int
 s_on_marks (zloop_t *loop, int timer_id, void *arg)
 {
     s_flush_marks (arg);
+    s_pump (arg);
     return 0;
+}
+
+/* Service the agent connections between store batches (cn_httpc_pump). */
+#define PUMP_ROUNDS 4
+static void
+s_pump (self_t *self)
+{
+    if (self->http)
+        cn_httpc_pump (self->http, PUMP_ROUNDS);
 }
 
 static void
@@ -843,31 +855,14 @@ s_srv_free (void **item)
     *item = NULL;
 }
 
-/* Look the server up: *out gets its agent address, or the error a request
- * for it is answered with. */
+/* *out from the stored server record's text: its agent address, or the
+ * error a request for it is answered with. */
 static void
-s_server_lookup (self_t *self, const char *uuid, srv_t *out)
+s_server_from (self_t *self, const char *uuid, const char *value, size_t value_len, srv_t *out)
 {
     memset (out, 0, sizeof *out);
-    cn_mobj_t o;
-    memset (&o, 0, sizeof o);
-    int rc = cn_moray_get (self->moray, CN_BUCKET_SERVERS, uuid, &o);
-    if (rc == CN_MORAY_NOTFOUND) {
-        *out = (srv_t) { .status = 404, .code = "ResourceNotFound" };
-        snprintf (out->msg, sizeof out->msg, "Server %s not found", uuid);
-        return;
-    }
-    if (rc != CN_MORAY_OK) {
-        self->store_failures++;
-        s_set_error (self, "server read", cn_moray_errmsg (self->moray));
-        *out = (srv_t) { .status = 503, .code = "ServiceUnavailable" };
-        snprintf (out->msg, sizeof out->msg, "the store is unreachable: %s",
-                  cn_moray_errmsg (self->moray));
-        return;
-    }
     json_error_t jerr;
-    json_t *rec = json_loadb (o.value, o.value_len, 0, &jerr);
-    cn_mobj_fini (&o);
+    json_t *rec = json_loadb (value, value_len, 0, &jerr);
     if (!json_is_object (rec)) {
         json_decref (rec);
         *out = (srv_t) { .status = 500, .code = "InternalError" };
@@ -906,6 +901,100 @@ s_server_lookup (self_t *self, const char *uuid, srv_t *out)
                     && json_integer_value (p) < 65536 ? (int) json_integer_value (p) : 5309;
     }
     json_decref (rec);
+}
+
+static void
+s_server_notfound (const char *uuid, srv_t *out)
+{
+    memset (out, 0, sizeof *out);
+    *out = (srv_t) { .status = 404, .code = "ResourceNotFound" };
+    snprintf (out->msg, sizeof out->msg, "Server %.36s not found", uuid);
+}
+
+/* Look the server up: *out gets its agent address, or the error a request
+ * for it is answered with. */
+static void
+s_server_lookup (self_t *self, const char *uuid, srv_t *out)
+{
+    memset (out, 0, sizeof *out);
+    cn_mobj_t o;
+    memset (&o, 0, sizeof o);
+    int rc = cn_moray_get (self->moray, CN_BUCKET_SERVERS, uuid, &o);
+    if (rc == CN_MORAY_NOTFOUND) {
+        s_server_notfound (uuid, out);
+        return;
+    }
+    if (rc != CN_MORAY_OK) {
+        self->store_failures++;
+        s_set_error (self, "server read", cn_moray_errmsg (self->moray));
+        *out = (srv_t) { .status = 503, .code = "ServiceUnavailable" };
+        snprintf (out->msg, sizeof out->msg, "the store is unreachable: %s",
+                  cn_moray_errmsg (self->moray));
+        return;
+    }
+    s_server_from (self, uuid, o.value, o.value_len, out);
+    cn_mobj_fini (&o);
+}
+
+static int
+s_prefetch_row (const cn_mobj_t *obj, void *arg)
+{
+    self_t *self = arg;
+    if (!obj->key || zhashx_lookup (self->srv, obj->key))
+        return 0;
+    srv_t *sv = calloc (1, sizeof *sv);
+    if (!sv)
+        abort ();
+    s_server_from (self, obj->key, obj->value, obj->value_len, sv);
+    zhashx_insert (self->srv, obj->key, sv);
+    return 0;
+}
+
+/* Read the servers of a pass's requests (uuids, normalised, n of them,
+ * not yet in self->srv) in one statement: (|(_key=a)(_key=b)...). Those
+ * not returned are not found. A failed read leaves self->srv as it was
+ * (each request then reads its server alone, answering 503 as before). */
+static void
+s_prefetch_servers (self_t *self, char (*uuids)[37], size_t n)
+{
+    if (n == 0)
+        return;
+    size_t cap = 16 + n * 50;
+    char *filter = malloc (cap);
+    if (!filter)
+        abort ();
+    size_t len = 0;
+    if (n > 1)
+        len += (size_t) snprintf (filter + len, cap - len, "(|");
+    for (size_t i = 0; i < n; i++)
+        len += (size_t) snprintf (filter + len, cap - len, "(_key=%s)", uuids[i]);
+    if (n > 1)
+        snprintf (filter + len, cap - len, ")");
+    int rc = cn_moray_find (self->moray, CN_BUCKET_SERVERS, filter, NULL, s_prefetch_row, self);
+    free (filter);
+    if (rc != CN_MORAY_OK && rc != CN_MORAY_EIO)
+        return;                 /* each request reads its own server */
+    if (rc == CN_MORAY_EIO) {
+        /* as each single read would have answered (without waiting for
+         * the store once per server) */
+        self->store_failures++;
+        s_set_error (self, "server read", cn_moray_errmsg (self->moray));
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (zhashx_lookup (self->srv, uuids[i]))
+            continue;
+        srv_t *sv = calloc (1, sizeof *sv);
+        if (!sv)
+            abort ();
+        if (rc == CN_MORAY_EIO) {
+            *sv = (srv_t) { .status = 503, .code = "ServiceUnavailable" };
+            snprintf (sv->msg, sizeof sv->msg, "the store is unreachable: %s",
+                      cn_moray_errmsg (self->moray));
+        }
+        else
+            s_server_notfound (uuids[i], sv);
+        zhashx_insert (self->srv, uuids[i], sv);
+    }
 }
 
 /* The server of a /servers/:uuid route: exists, has an agent address, and
@@ -1289,21 +1378,72 @@ s_on_request (self_t *self, zframe_t *f)
     cn_msg_fini (&m);
 }
 
+/* The server uuid of a /servers/:uuid request frame (normalised into
+ * out), for the pass's one read of its servers; false for other requests
+ * or a uuid that is not one (answered by s_on_request). */
+static bool
+s_frame_server (zframe_t *f, char out[37])
+{
+    cn_msg_t m;
+    char err[96];
+    if (cn_msg_parse (&m, zframe_data (f), zframe_size (f), err, sizeof err) != 0)
+        return false;
+    bool ok = false;
+    if ((m.type_len == 9 && memcmp (m.type, "vm_create", 9) == 0)
+        || (m.type_len == 9 && memcmp (m.type, "vm_action", 9) == 0)
+        || (m.type_len == 10 && memcmp (m.type, "vm_destroy", 10) == 0)
+        || (m.type_len == 15 && memcmp (m.type, "sysinfo_refresh", 15) == 0)
+        || (m.type_len == 7 && memcmp (m.type, "vm_load", 7) == 0)) {
+        size_t ulen = 0;
+        const char *raw = cn_msg_str (&m, "uuid", &ulen);
+        char tmp[64];
+        if (raw && ulen < sizeof tmp) {
+            memcpy (tmp, raw, ulen);
+            tmp[ulen] = 0;
+            ok = cn_uuid_normalize (tmp, out);
+        }
+    }
+    cn_msg_fini (&m);
+    return ok;
+}
+
 static int
 s_on_pull (zloop_t *loop, zsock_t *pull, void *arg)
 {
     self_t *self = arg;
     /* at most PASS_MAX (the creations' capacity): the rest waits for the
      * next pass, after the sockets had their turn */
-    for (int k = 0; k < PASS_MAX; k++) {
+    zframe_t *fr[PASS_MAX];
+    char uuids[PASS_MAX][37];
+    size_t n = 0, nu = 0;
+    while (n < PASS_MAX) {
         zframe_t *f = zframe_recv_nowait (pull);
         if (!f)
             break;
-        s_on_request (self, f);
-        zframe_destroy (&f);
+        fr[n++] = f;
+        char u[37];
+        if (s_frame_server (f, u) && !zhashx_lookup (self->srv, u)) {
+            bool seen = false;
+            for (size_t i = 0; i < nu && !seen; i++)
+                seen = memcmp (uuids[i], u, 37) == 0;
+            if (!seen)
+                memcpy (uuids[nu++], u, 37);
+        }
+    }
+    /* the pass's servers in one read (s_server finds them in self->srv) */
+    if (nu > 1)
+        s_prefetch_servers (self, uuids, nu);
+    for (size_t i = 0; i < n; i++) {
+        s_on_request (self, fr[i]);
+        zframe_destroy (&fr[i]);
     }
     s_flush_creates (self);
     zhashx_purge (self->srv);
+    /* send the POSTs just queued and read the answers that came meanwhile:
+     * zloop handles one poller event per pass once the poll set changed
+     * (each request changes it), and this reader, ahead of the pollers,
+     * is ready again at 1,000 tasks/s */
+    s_pump (self);
     return 0;
 }
 
@@ -1654,6 +1794,7 @@ s_on_frames (zloop_t *loop, zsock_t *sock, void *arg)
             v[n++] = r;
     }
     s_apply_frames (self, v, n, false);
+    s_pump (self);
     return 0;
 }
 

@@ -62,6 +62,15 @@ void cn_httpc_request (cn_httpc_t *c, const char *ip, int port, const char *meth
                        const char *path, const char *headers, const char *body, size_t len,
                        cn_httpc_cb *cb, void *arg);
 
+/* Service the client's sockets now, without waiting for the loop: poll
+ * them (no wait) and handle what is ready (sends, answers, callbacks), up
+ * to rounds times while something was ready. For an owner whose loop pass
+ * does long work (store writes): zloop handles one poller event per pass
+ * when the poll set changes (every request changes it), so the owner calls
+ * this between its batches. Returns the number of events handled. Not from
+ * inside a callback of this client. */
+int cn_httpc_pump (cn_httpc_t *c, int rounds);
+
 /* Requests with a connection, and waiting in a queue. */
 size_t cn_httpc_in_flight (const cn_httpc_t *c);
 size_t cn_httpc_queued (const cn_httpc_t *c);

@@ -32,6 +32,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -97,6 +98,7 @@ struct cn_httpc {
     size_t nfd;
     size_t in_flight, queued;
     req_t *done_head, *done_tail;   /* failed before a socket: report on the tick */
+    struct pollfd *pfd;         /* cn_httpc_pump's poll set (nfd entries) */
 };
 
 /* ------------------------------------------------------------------ */
@@ -588,6 +590,8 @@ s_begin (cn_httpc_t *c, req_t *r)
         c->byfd = t;
         c->idlefd = it;
         c->nfd = n;
+        free (c->pfd);          /* cn_httpc_pump allocates it again, nfd long */
+        c->pfd = NULL;
     }
     r->fd = fd;
     c->byfd[fd] = r;
@@ -716,6 +720,7 @@ cn_httpc_destroy (cn_httpc_t **p)
         s_req_free (r);
     }
     free (c->idlefd);
+    free (c->pfd);
     if (c->timer >= 0)
         zloop_timer_end (c->loop, c->timer);
     free (c);
@@ -785,6 +790,55 @@ cn_httpc_request (cn_httpc_t *c, const char *ip, int port, const char *method,
     h->queued++;
     c->queued++;
     s_start_queued (c, h);
+}
+
+int
+cn_httpc_pump (cn_httpc_t *c, int rounds)
+{
+    int handled = 0;
+    for (int round = 0; round < rounds; round++) {
+        if (!c->nfd)
+            break;
+        if (!c->pfd) {
+            c->pfd = calloc (c->nfd, sizeof *c->pfd);
+            if (!c->pfd)
+                abort ();
+        }
+        size_t n = 0;
+        for (size_t fd = 0; fd < c->nfd; fd++) {
+            short ev = 0;
+            req_t *r = c->byfd[fd];
+            if (r && r->fd == (int) fd && r->events)
+                ev = (short) ((r->events & ZMQ_POLLIN ? POLLIN : 0)
+                              | (r->events & ZMQ_POLLOUT ? POLLOUT : 0));
+            else
+            if (!r && c->idlefd[fd])
+                ev = POLLIN;
+            if (ev)
+                c->pfd[n++] = (struct pollfd) { .fd = (int) fd, .events = ev };
+        }
+        if (n == 0)
+            break;
+        int rc = poll (c->pfd, n, 0);
+        if (rc <= 0)
+            break;
+        /* the handlers may grow the tables (new connections): copy the
+         * ready descriptors first */
+        int ready[256];
+        size_t nready = 0;
+        for (size_t i = 0; i < n && nready < sizeof ready / sizeof *ready; i++)
+            if (c->pfd[i].revents)
+                ready[nready++] = c->pfd[i].fd;
+        for (size_t i = 0; i < nready; i++) {
+            /* as a zloop poll item would: a descriptor whose request ended
+             * meanwhile (or was taken by a new one) is harmless, as with a
+             * stale poll item */
+            zmq_pollitem_t item = { NULL, ready[i], 0, ZMQ_POLLIN | ZMQ_POLLOUT };
+            s_on_io (c->loop, &item, c);
+        }
+        handled += (int) nready;
+    }
+    return handled;
 }
 
 size_t
