@@ -306,27 +306,13 @@ s_begin_server (backend_t *self, const cn_msg_t *m, rctx_t *c)
     cn_apierr_t e;
     memset (&e, 0, sizeof e);
     json_t *params = cn_params_parse (m, &e);
+    if (params && !cn_params_server_uuid (m, c->uuid, &e)) {
+        json_decref (params);
+        params = NULL;
+    }
     if (!params) {
         s_reply_apierr (self, c->id, c->req_id, &e);
         cn_apierr_fini (&e);
-        return NULL;
-    }
-    size_t ulen = 0;
-    const char *raw = cn_msg_str (m, "uuid", &ulen);
-    char tmp[64];
-    if (!raw || ulen >= sizeof tmp) {
-        json_decref (params);
-        s_reply_error (self, c->id, c->req_id, 409, "InvalidArgument",
-                       "Invalid server UUID");
-        return NULL;
-    }
-    memcpy (tmp, raw, ulen);
-    tmp[ulen] = 0;
-    if (!cn_uuid_normalize (tmp, c->uuid)) {
-        json_decref (params);
-        s_reply_error (self, c->id, c->req_id, 409, "InvalidArgument",
-                       "Invalid server UUID: %s", tmp);
-        return NULL;
     }
     return params;
 }
@@ -665,23 +651,6 @@ s_op_server_delete (backend_t *self, const cn_msg_t *m, rctx_t *c)
     s_write (self, c, "delete_server", NULL, NULL, 0);
 }
 
-static const char *
-s_js_type (const json_t *v)
-{
-    if (!v)
-        return "[object Undefined]";
-    switch (json_typeof (v)) {
-        case JSON_OBJECT: return "[object Object]";
-        case JSON_ARRAY: return "[object Array]";
-        case JSON_STRING: return "[object String]";
-        case JSON_INTEGER:
-        case JSON_REAL: return "[object Number]";
-        case JSON_TRUE:
-        case JSON_FALSE: return "[object Boolean]";
-        default: return "[object Null]";
-    }
-}
-
 static void
 s_op_server_sysinfo (backend_t *self, const cn_msg_t *m, rctx_t *c)
 {
@@ -701,7 +670,7 @@ s_op_server_sysinfo (backend_t *self, const cn_msg_t *m, rctx_t *c)
     if (!json_is_object (si)) {
         cn_apierr_set (&e, 500, "InvalidParameters", "Request parameters failed validation");
         char msg[96];
-        snprintf (msg, sizeof msg, "value is not an object. (was: %s)", s_js_type (si));
+        snprintf (msg, sizeof msg, "value is not an object. (was: %s)", cn_js_type (si));
         e.errors = json_pack ("[{s:s,s:s,s:s}]", "field", "sysinfo", "code", "Invalid",
                               "message", msg);
         s_reply_apierr (self, c->id, c->req_id, &e);

@@ -1028,26 +1028,13 @@ s_begin_server (self_t *self, const cn_msg_t *m, rctx_t *c)
     cn_apierr_t e;
     memset (&e, 0, sizeof e);
     json_t *params = cn_params_parse (m, &e);
+    if (params && !cn_params_server_uuid (m, c->uuid, &e)) {
+        json_decref (params);
+        params = NULL;
+    }
     if (!params) {
         s_reply_apierr (self, c->id, c->req_id, &e);
         cn_apierr_fini (&e);
-        return NULL;
-    }
-    size_t ulen = 0;
-    const char *raw = cn_msg_str (m, "uuid", &ulen);
-    char tmp[64];
-    if (!raw || ulen >= sizeof tmp) {
-        json_decref (params);
-        s_reply_error (self, c->id, c->req_id, 409, "InvalidArgument", "Invalid server UUID");
-        return NULL;
-    }
-    memcpy (tmp, raw, ulen);
-    tmp[ulen] = 0;
-    if (!cn_uuid_normalize (tmp, c->uuid)) {
-        json_decref (params);
-        s_reply_error (self, c->id, c->req_id, 409, "InvalidArgument",
-                       "Invalid server UUID: %s", tmp);
-        return NULL;
     }
     return params;
 }

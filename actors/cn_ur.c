@@ -487,25 +487,15 @@ s_execute (self_t *self, const cn_msg_t *m, uint64_t id, const char *req_id)
 {
     cn_apierr_t e;
     memset (&e, 0, sizeof e);
+    char uuid[37];
     json_t *params = cn_params_parse (m, &e);
+    if (params && !cn_params_server_uuid (m, uuid, &e)) {
+        json_decref (params);
+        params = NULL;
+    }
     if (!params) {
         s_reply_apierr (self, id, req_id, &e);
         cn_apierr_fini (&e);
-        return;
-    }
-    size_t ulen = 0;
-    const char *raw = cn_msg_str (m, "uuid", &ulen);
-    char tmp[64], uuid[37];
-    if (raw && ulen < sizeof tmp) {
-        memcpy (tmp, raw, ulen);
-        tmp[ulen] = 0;
-    }
-    else
-        tmp[0] = 0;
-    if (!cn_uuid_normalize (tmp, uuid)) {
-        json_decref (params);
-        s_reply_error (self, id, req_id, 409, "InvalidArgument", "Invalid server UUID%s%s",
-                       *tmp ? ": " : "", tmp);
         return;
     }
     int ex = s_exists (self, uuid, &e);

@@ -487,19 +487,12 @@ s_server (self_t *self, const cn_msg_t *m, char uuid[37], cn_apierr_t *e)
 {
     size_t len = 0;
     const char *raw = cn_msg_str (m, "uuid", &len);
-    char tmp[64] = "";
-    if (raw && len < sizeof tmp) {
-        memcpy (tmp, raw, len);
-        tmp[len] = 0;
-    }
-    if (strcmp (tmp, "default") == 0) {
+    if (raw && len == 7 && memcmp (raw, "default", 7) == 0) {
         strcpy (uuid, "default");
         return true;
     }
-    if (!cn_uuid_normalize (tmp, uuid)) {
-        cn_apierr_set (e, 409, "InvalidArgument", "Invalid server UUID: %s", tmp);
+    if (!cn_params_server_uuid (m, uuid, e))
         return false;
-    }
     cn_mobj_t o;
     memset (&o, 0, sizeof o);
     int rc = cn_moray_get (self->moray, CN_BUCKET_SERVERS, uuid, &o);

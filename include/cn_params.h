@@ -32,6 +32,12 @@ json_t *cn_params_parse (const cn_msg_t *m, cn_apierr_t *e);
  * (409 InvalidArgument "<p> is not an explicitly defined parameter"). */
 bool cn_params_strict (const json_t *params, const char *const *allowed, cn_apierr_t *e);
 
+/* The route's :server_uuid (the frame's "uuid" field), lower case, into
+ * uuid. false with e set (409 InvalidArgument "Invalid server UUID", with
+ * ": <what was given>" when something was) when it is absent, too long or
+ * not a UUID. */
+bool cn_params_server_uuid (const cn_msg_t *m, char uuid[37], cn_apierr_t *e);
+
 /* JavaScript truthiness of a parameter value (NULL is false). */
 bool cn_params_truthy (const json_t *v);
 

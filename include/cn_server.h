@@ -45,6 +45,13 @@ void cn_apierr_set (cn_apierr_t *e, int status, const char *code, const char *fm
 void cn_apierr_fini (cn_apierr_t *e);
 /* {"code":..., "message":..., ["errors":...]} as JSON text; caller frees. */
 char *cn_apierr_body (const cn_apierr_t *e);
+/* Append {field, code:"Invalid", message} to errs (an InvalidParameters
+ * list). */
+void cn_apierr_invalid (json_t *errs, const char *field, const char *fmt, ...)
+    __attribute__ ((format (printf, 3, 4)));
+/* Object.prototype.toString's name for a JSON value ("[object String]", ...;
+ * NULL is "[object Undefined]"), as the reference's messages show it. */
+const char *cn_js_type (const json_t *v);
 
 /* Parse and check a sysinfo document: a JSON object of at most
  * CN_SYSINFO_MAX_BYTES with a valid "UUID" (equal to expect_uuid when that is

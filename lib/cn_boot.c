@@ -2,7 +2,6 @@
 #include "cn_boot.h"
 
 #include <ctype.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,34 +10,6 @@ const cn_mindex_t cn_boot_index[] = {
     { "boot_platform", CN_MIDX_STRING, false },
 };
 const size_t cn_boot_nindex = sizeof cn_boot_index / sizeof cn_boot_index[0];
-
-static const char *
-s_js_type (const json_t *v)
-{
-    switch (json_typeof (v)) {
-    case JSON_OBJECT: return "[object Object]";
-    case JSON_ARRAY: return "[object Array]";
-    case JSON_STRING: return "[object String]";
-    case JSON_INTEGER:
-    case JSON_REAL: return "[object Number]";
-    case JSON_TRUE:
-    case JSON_FALSE: return "[object Boolean]";
-    case JSON_NULL: return "[object Null]";
-    }
-    return "[object Undefined]";
-}
-
-static void
-s_add_error (json_t *errs, const char *field, const char *fmt, ...)
-{
-    char msg[256];
-    va_list ap;
-    va_start (ap, fmt);
-    vsnprintf (msg, sizeof msg, fmt, ap);
-    va_end (ap);
-    json_array_append_new (errs, json_pack ("{s:s,s:s,s:s}", "field", field, "code", "Invalid",
-                                            "message", msg));
-}
 
 /* Canonical base64 (what Node re-encodes to the same text); *len gets the
  * decoded size. */
@@ -78,18 +49,18 @@ cn_boot_check (const json_t *params, cn_apierr_t *e)
         if (!v || json_is_null (v))
             continue;
         if (!json_is_string (v))
-            s_add_error (errs, strings[i], "value was not a string");
+            cn_apierr_invalid (errs, strings[i], "value was not a string");
         else {
             const char *s = json_string_value (v);
             size_t n = strlen (s);
             if (n > 0 && (isspace ((unsigned char) s[0]) || isspace ((unsigned char) s[n - 1])))
-                s_add_error (errs, strings[i], "value contains leading or trailing whitespace");
+                cn_apierr_invalid (errs, strings[i], "value contains leading or trailing whitespace");
         }
     }
     for (int i = 0; objects[i]; i++) {
         json_t *v = json_object_get (params, objects[i]);
         if (v && !json_is_null (v) && !json_is_object (v))
-            s_add_error (errs, objects[i], "value is not an object. (was: %s)", s_js_type (v));
+            cn_apierr_invalid (errs, objects[i], "value is not an object. (was: %s)", cn_js_type (v));
     }
     if (json_array_size (errs) > 0) {
         cn_apierr_set (e, 500, "InvalidParameters", "Request parameters failed validation");
@@ -127,7 +98,7 @@ cn_boot_check (const json_t *params, cn_apierr_t *e)
         else if (type && !json_is_null (type)
                  && (!json_is_string (type) || strcmp (json_string_value (type), "base64") != 0))
             snprintf (one, sizeof one, "Unsupported type %.40s for module %.100s",
-                      json_is_string (type) ? json_string_value (type) : s_js_type (type), path);
+                      json_is_string (type) ? json_string_value (type) : cn_js_type (type), path);
         else if (!s_base64_canonical (content, &size))
             snprintf (one, sizeof one, "Contents for module %.100s must be base64 encoded", path);
         else if (size > CN_BOOT_MODULE_MAX)

@@ -4,6 +4,8 @@
  */
 #include "cn_params.h"
 
+#include "cn_util.h"
+
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -201,4 +203,20 @@ cn_params_strict (const json_t *params, const char *const *allowed, cn_apierr_t 
         }
     }
     return true;
+}
+
+bool
+cn_params_server_uuid (const cn_msg_t *m, char uuid[37], cn_apierr_t *e)
+{
+    size_t len = 0;
+    const char *raw = cn_msg_str (m, "uuid", &len);
+    char tmp[64] = "";
+    if (raw && len < sizeof tmp) {
+        memcpy (tmp, raw, len);
+        tmp[len] = 0;
+    }
+    if (cn_uuid_normalize (tmp, uuid))
+        return true;
+    cn_apierr_set (e, 409, "InvalidArgument", "Invalid server UUID%s%s", *tmp ? ": " : "", tmp);
+    return false;
 }

@@ -110,8 +110,8 @@ s_invalid_params (cn_apierr_t *e, int status, json_t *errs)
     e->errors = errs;
 }
 
-static void
-s_add_error (json_t *errs, const char *field, const char *fmt, ...)
+void
+cn_apierr_invalid (json_t *errs, const char *field, const char *fmt, ...)
 {
     char msg[256];
     va_list ap;
@@ -1141,39 +1141,39 @@ cn_server_list_query (const json_t *params, cn_server_query_t *q, cn_apierr_t *e
     for (int i = 0; i < 4; i++) {
         v = json_object_get (params, bools[i]);
         if (v && (flags[i] = s_boolish (v)) < 0)
-            s_add_error (errs, bools[i], "Invalid value for param '%s'", bools[i]);
+            cn_apierr_invalid (errs, bools[i], "Invalid value for param '%s'", bools[i]);
     }
     v = json_object_get (params, "extras");
     if (v) {
         if (!json_is_string (v) || !(extras = s_split_csv (json_string_value (v), s_word_ok)))
-            s_add_error (errs, "extras", "Invalid value for param 'extras'");
+            cn_apierr_invalid (errs, "extras", "Invalid value for param 'extras'");
     }
     v = json_object_get (params, "fields");
     if (v) {
         if (!json_is_string (v) || !(fields = s_split_csv (json_string_value (v), s_field_ok))
             || json_array_size (fields) > S_MAX_FIELDS)
-            s_add_error (errs, "fields", "Invalid value for param 'fields'");
+            cn_apierr_invalid (errs, "fields", "Invalid value for param 'fields'");
     }
     v = json_object_get (params, "hostname");
     if (v) {
         if (!json_is_string (v))
-            s_add_error (errs, "hostname", "value was not a string");
+            cn_apierr_invalid (errs, "hostname", "value was not a string");
         else if (!*(hostname = json_string_value (v)))
-            s_add_error (errs, "hostname", "value is empty");
+            cn_apierr_invalid (errs, "hostname", "value is empty");
         else if (isspace ((unsigned char) hostname[0]) ||
                  isspace ((unsigned char) hostname[strlen (hostname) - 1]))
-            s_add_error (errs, "hostname", "value contains leading or trailing whitespace");
+            cn_apierr_invalid (errs, "hostname", "value contains leading or trailing whitespace");
     }
     v = json_object_get (params, "limit");
     if (v) {
         if (!s_isint (v, &limit))
-            s_add_error (errs, "limit", "Invalid value for param 'limit'");
+            cn_apierr_invalid (errs, "limit", "Invalid value for param 'limit'");
         have_limit = true;
     }
     v = json_object_get (params, "offset");
     if (v) {
         if (!s_isint (v, &offset))
-            s_add_error (errs, "offset", "Invalid value for param 'offset'");
+            cn_apierr_invalid (errs, "offset", "Invalid value for param 'offset'");
         have_offset = true;
     }
     v = json_object_get (params, "uuids");
@@ -1198,7 +1198,7 @@ cn_server_list_query (const json_t *params, cn_server_query_t *q, cn_apierr_t *e
             }
         }
         if (!uuids || json_array_size (uuids) > S_MAX_UUIDS)
-            s_add_error (errs, "uuids", "Invalid value for param 'uuids' "
+            cn_apierr_invalid (errs, "uuids", "Invalid value for param 'uuids' "
                          "(a comma-separated list of UUIDs)");
     }
 
@@ -1208,13 +1208,13 @@ cn_server_list_query (const json_t *params, cn_server_query_t *q, cn_apierr_t *e
     }
     /* the range checks come after the rules, with 400, as the reference */
     if (have_limit && (limit < S_LIST_MIN_LIMIT || limit > S_LIST_MAX_LIMIT)) {
-        s_add_error (errs, "limit", "limit must be in the range %d-%d (inclusive)",
+        cn_apierr_invalid (errs, "limit", "limit must be in the range %d-%d (inclusive)",
                      S_LIST_MIN_LIMIT, S_LIST_MAX_LIMIT);
         s_invalid_params (err, 400, errs);
         goto fail;
     }
     if (have_offset && offset < 0) {
-        s_add_error (errs, "offset", "offset must be 0 or more");
+        cn_apierr_invalid (errs, "offset", "offset must be 0 or more");
         s_invalid_params (err, 400, errs);
         goto fail;
     }
@@ -1527,11 +1527,11 @@ static const struct {
 };
 #define S_NUPDATE (sizeof s_update_params / sizeof s_update_params[0])
 
-/* Object.prototype.toString's name for a JSON value, as the reference's
- * message shows it. */
-static const char *
-s_js_type (const json_t *v)
+const char *
+cn_js_type (const json_t *v)
 {
+    if (!v)
+        return "[object Undefined]";
     switch (json_typeof (v)) {
     case JSON_OBJECT: return "[object Object]";
     case JSON_ARRAY: return "[object Array]";
@@ -1590,39 +1590,39 @@ cn_server_update (json_t *rec, const json_t *params, int64_t now_ms, cn_apierr_t
         switch (s_update_params[i].type) {
         case S_U_ARRAY:
             if (!json_is_array (v))
-                s_add_error (errs, name, "value was not an array");
+                cn_apierr_invalid (errs, name, "value was not an array");
             break;
         case S_U_OBJECT:
             if (!json_is_object (v))
-                s_add_error (errs, name, "value is not an object. (was: %s)", s_js_type (v));
+                cn_apierr_invalid (errs, name, "value is not an object. (was: %s)", cn_js_type (v));
             break;
         case S_U_STRING:
         case S_U_IGNORED_STRING:
             if (!json_is_string (v))
-                s_add_error (errs, name, "value was not a string");
+                cn_apierr_invalid (errs, name, "value was not a string");
             else {
                 const char *s = json_string_value (v);
                 size_t n = strlen (s);
                 if (s_update_params[i].type == S_U_STRING && n > 0 &&
                     (isspace ((unsigned char) s[0]) || isspace ((unsigned char) s[n - 1])))
-                    s_add_error (errs, name, "value contains leading or trailing whitespace");
+                    cn_apierr_invalid (errs, name, "value contains leading or trailing whitespace");
             }
             break;
         case S_U_NUMBER:
             if (!s_numberish (v, &ratio))
-                s_add_error (errs, name, "value was not a number");
+                cn_apierr_invalid (errs, name, "value was not a number");
             else if (ratio < 0 || ratio > 1)
-                s_add_error (errs, name, "value must be between 0 and 1");
+                cn_apierr_invalid (errs, name, "value must be between 0 and 1");
             break;
         case S_U_IGNORED_NUMBER: {
             double d;
             if (!s_numberish (v, &d))
-                s_add_error (errs, name, "value was not a number");
+                cn_apierr_invalid (errs, name, "value was not a number");
             break;
         }
         case S_U_BOOL:
             if (s_boolish (v) < 0)
-                s_add_error (errs, name, "value was not true or false");
+                cn_apierr_invalid (errs, name, "value was not true or false");
             break;
         }
     }

@@ -2,7 +2,6 @@
 #include "cn_ticket.h"
 
 #include <ctype.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -121,18 +120,6 @@ cn_ticket_queue_key (const char *server_uuid, const char *scope, const char *id)
     return k;
 }
 
-static void
-s_add_error (json_t *errs, const char *field, const char *fmt, ...)
-{
-    char msg[256];
-    va_list ap;
-    va_start (ap, fmt);
-    vsnprintf (msg, sizeof msg, fmt, ap);
-    va_end (ap);
-    json_array_append_new (errs, json_pack ("{s:s,s:s,s:s}", "field", field, "code", "Invalid",
-                                            "message", msg));
-}
-
 /* A required (or optional) string parameter of bounded length. */
 static const char *
 s_string_param (const json_t *params, const char *name, bool required, json_t *errs)
@@ -140,20 +127,20 @@ s_string_param (const json_t *params, const char *name, bool required, json_t *e
     json_t *v = json_object_get (params, name);
     if (!v || json_is_null (v)) {
         if (required)
-            s_add_error (errs, name, "%s is required", name);
+            cn_apierr_invalid (errs, name, "%s is required", name);
         return NULL;
     }
     if (!json_is_string (v)) {
-        s_add_error (errs, name, "value was not a string");
+        cn_apierr_invalid (errs, name, "value was not a string");
         return NULL;
     }
     const char *s = json_string_value (v);
     if (required && !*s) {
-        s_add_error (errs, name, "%s is required", name);
+        cn_apierr_invalid (errs, name, "%s is required", name);
         return NULL;
     }
     if (strlen (s) > CN_TICKET_MAX_FIELD || strlen (s) != json_string_length (v)) {
-        s_add_error (errs, name, "value must be at most %d bytes, without NUL",
+        cn_apierr_invalid (errs, name, "value must be at most %d bytes, without NUL",
                      CN_TICKET_MAX_FIELD);
         return NULL;
     }
@@ -171,10 +158,10 @@ cn_ticket_new (const char *server_uuid, const json_t *params, const char *reqid,
     const char *action = s_string_param (params, "action", false, errs);
     int64_t exp_ms = 0;
     if (exp && !cn_ticket_parse_time (exp, &exp_ms))
-        s_add_error (errs, "expires_at", "value is not an ISO 8601 date");
+        cn_apierr_invalid (errs, "expires_at", "value is not an ISO 8601 date");
     json_t *extra = json_object_get (params, "extra");
     if (extra && !json_is_null (extra) && !json_is_object (extra))
-        s_add_error (errs, "extra", "value is not an object");
+        cn_apierr_invalid (errs, "extra", "value is not an object");
     if (json_array_size (errs) > 0) {
         cn_apierr_set (e, 500, "InvalidParameters", "Request parameters failed validation");
         json_decref (e->errors);
