@@ -1,11 +1,13 @@
 /*
  * bare-h2o: the ceiling the gateway is measured against.
  *
- *   bare-h2o ADDRESS PORT
+ *   bare-h2o ADDRESS PORT [BODY_BYTES]
  *
  * One thread running h2o's evloop with the gateway's h2o setup (one host,
  * one path "/", HTTP/1.1 only, the same server name), answering every GET
- * with a fixed ~1 KB JSON body and every other method with 405. Nothing
+ * with a fixed ~1 KB JSON body (padded to BODY_BYTES with a "sysinfo"
+ * string when given, to match the size of the answer it is compared with)
+ * and every other method with 405. Nothing
  * else: no routing, no headers beyond content-type, no hand-off. Runs until
  * killed (SIGINT/SIGTERM exit at once).
  */
@@ -25,7 +27,7 @@
 static h2o_globalconf_t s_config;
 static h2o_context_t s_ctx;
 static h2o_accept_ctx_t s_accept_ctx;
-static char s_body[1200];
+static char *s_body;
 static size_t s_body_len;
 
 static int
@@ -74,16 +76,21 @@ s_on_signal (int sig)
 int
 main (int argc, char **argv)
 {
-    if (argc != 3) {
-        fprintf (stderr, "usage: bare-h2o ADDRESS PORT\n");
+    if (argc != 3 && argc != 4) {
+        fprintf (stderr, "usage: bare-h2o ADDRESS PORT [BODY_BYTES]\n");
         return 2;
     }
+    size_t want = argc == 4 ? (size_t) strtoul (argv[3], NULL, 10) : 0;
+    size_t cap = (want > 1200 ? want : 1200) + 64;
+    s_body = malloc (cap);
+    if (!s_body)
+        return 1;
     signal (SIGPIPE, SIG_IGN);
     signal (SIGINT, s_on_signal);
     signal (SIGTERM, s_on_signal);
 
     /* ~1 KB of JSON shaped like a server object */
-    int n = snprintf (s_body, sizeof s_body,
+    int n = snprintf (s_body, cap,
         "{\"uuid\":\"564d1b2a-8f2e-4c1d-9a3b-2f6e7d8c9b0a\",\"hostname\":\"cn-bench-0001\","
         "\"datacenter\":\"dc1\",\"status\":\"running\",\"setup\":true,\"setting_up\":false,"
         "\"headnode\":false,\"reserved\":false,\"reservoir\":false,\"ram\":262144,"
@@ -101,6 +108,15 @@ main (int argc, char **argv)
         "\"unreserved_cpu\":6400,\"unreserved_ram\":187500,\"unreserved_disk\":3500000,"
         "\"uuid_conflicts\":[],\"agents\":[],\"vms\":{},\"boot_params\":{}}");
     s_body_len = (size_t) n;
+    if (want > s_body_len + 16) {
+        /* ...,"sysinfo":"xxxx"} */
+        s_body_len--;
+        s_body_len += (size_t) sprintf (s_body + s_body_len, ",\"sysinfo\":\"");
+        while (s_body_len < want - 2)
+            s_body[s_body_len++] = 'x';
+        memcpy (s_body + s_body_len, "\"}", 3);
+        s_body_len += 2;
+    }
 
     h2o_config_init (&s_config);
     s_config.server_name = h2o_iovec_init (H2O_STRLIT ("cnapi/bare"));

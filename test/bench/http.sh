@@ -5,7 +5,8 @@
 #
 # Seeds N servers through the real ingest path (sysinfo-burst -> ur.cnapi ->
 # cnapid), then measures with wrk on loopback, one wrk thread:
-#   1. bare-h2o: a fixed ~1 KB JSON answer (the ceiling on this machine);
+#   1. bare-h2o: a fixed JSON answer as long as cnapid's answer for one of the
+#      servers, driven by the same wrk script (the ceiling on this machine);
 #   2. GET /servers/:uuid on cnapid, cycling over all N uuids (wrk Lua);
 #   3. GET /servers (the default page of 1000 servers, as sdc-clients asks).
 # Prints wrk's own summary for each; docs/benchmarks.md records the figures.
@@ -59,8 +60,10 @@ for n in $(seq 1 1200); do
   sleep 0.1
 done
 echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; $SERVERS servers seeded"
+# the ceiling answers as many bytes as cnapid does, to the same wrk script
+BODY=$(curl -fsS "http://127.0.0.2:$PORT/servers/beef0001-0000-4000-8000-000000000001" | wc -c)
 BPORT=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.3",0)); print(s.getsockname()[1])')
-"$BUILD/bare-h2o" 127.0.0.3 "$BPORT" >/dev/null 2>&1 &
+"$BUILD/bare-h2o" 127.0.0.3 "$BPORT" "$BODY" >/dev/null 2>&1 &
 PIDS+=($!)
 for n in $(seq 1 100); do curl -fsS -o /dev/null "http://127.0.0.3:$BPORT/x" 2>/dev/null && break; sleep 0.05; done
 cat > "$STATE/uuids.lua" <<LUA
@@ -71,11 +74,11 @@ request = function()
   return wrk.format("GET", string.format("/servers/beef0001-0000-4000-8000-%012x", i))
 end
 LUA
-echo "== bare h2o (ceiling): wrk -t1 -c$CONNS -d${SECS}s"
-wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "http://127.0.0.3:$BPORT/servers/x" | sed 's/^/   /'
+echo "== bare h2o (ceiling), $BODY-byte answers, the same wrk script: wrk -t1 -c$CONNS -d${SECS}s"
+wrk -t1 -c"$CONNS" -d"${SECS}s" --latency -s "$STATE/uuids.lua" "http://127.0.0.3:$BPORT" | sed 's/^/   /'
 echo "== warm the near cache (one pass over every uuid)"
 wrk -t1 -c"$CONNS" -d2s -s "$STATE/uuids.lua" "http://127.0.0.2:$PORT" >/dev/null
-echo "== GET /servers/:uuid over $SERVERS uuids: wrk -t1 -c$CONNS -d${SECS}s"
+echo "== GET /servers/:uuid over $SERVERS uuids ($BODY-byte answers): wrk -t1 -c$CONNS -d${SECS}s"
 wrk -t1 -c"$CONNS" -d"${SECS}s" --latency -s "$STATE/uuids.lua" "http://127.0.0.2:$PORT" | sed 's/^/   /'
 echo "== GET /servers (default page: 1000 of $SERVERS): wrk -t1 -c4 -d${SECS}s"
 wrk -t1 -c4 -d"${SECS}s" --latency "http://127.0.0.2:$PORT/servers" | sed 's/^/   /'
