@@ -98,30 +98,8 @@ cn_backend_reply_free (cn_backend_reply_t **p)
     cn_backend_reply_t *r = *p;
     free (r->body);
     free (r->view);
-    if (r->status_rec)
-        json_decref (r->status_rec);
     free (r);
     *p = NULL;
-}
-
-json_t *
-cn_backend_status_inputs (const json_t *rec)
-{
-    /* Status derives from the record's scalar fields (timestamps, setup,
-     * transitional_status); the large members (sysinfo, vms, agents, ...)
-     * are objects or arrays. Keeping only scalars makes a near-cache entry
-     * small; the backend checks at fill time that this copy yields the same
-     * status as the whole record before the gateway may cache it. */
-    json_t *out = json_object ();
-    const char *key;
-    json_t *val;
-    if (!out)
-        abort ();
-    json_object_foreach ((json_t *) rec, key, val) {
-        if (!json_is_object (val) && !json_is_array (val))
-            json_object_set (out, key, val);
-    }
-    return out;
 }
 
 size_t
@@ -146,24 +124,35 @@ cn_backend_splice_status (char *out, const char *status, const char *view, size_
 }
 
 size_t
+cn_backend_view_head (char *out, const char *status, int64_t last_heartbeat_ms, size_t view_len)
+{
+    char *o = out;
+    o = stpcpy (o, "{\"status\":\"");
+    o = stpcpy (o, status);
+    if (last_heartbeat_ms > 0) {
+        char iso[32];
+        o = stpcpy (o, "\",\"last_heartbeat\":\"");
+        o = stpcpy (o, cn_iso8601 (last_heartbeat_ms, iso, sizeof iso));
+        *o++ = '"';
+    }
+    else
+        o = stpcpy (o, "\",\"last_heartbeat\":null");
+    *o++ = view_len > 2 ? ',' : '}';
+    *o = 0;
+    return (size_t) (o - out);
+}
+
+size_t
 cn_backend_splice_view (char *out, const char *status, int64_t last_heartbeat_ms,
                         const char *view, size_t view_len)
 {
-    char iso[32];
-    int n = last_heartbeat_ms > 0
-            ? sprintf (out, "{\"status\":\"%s\",\"last_heartbeat\":\"%s\"", status,
-                       cn_iso8601 (last_heartbeat_ms, iso, sizeof iso))
-            : sprintf (out, "{\"status\":\"%s\",\"last_heartbeat\":null", status);
-    char *o = out + n;
+    size_t n = cn_backend_view_head (out, status, last_heartbeat_ms, view_len);
     if (view_len > 2) {
-        *o++ = ',';
-        memcpy (o, view + 1, view_len - 1);
-        o += view_len - 1;
+        memcpy (out + n, view + 1, view_len - 1);
+        n += view_len - 1;
     }
-    else
-        *o++ = '}';
-    *o = 0;
-    return (size_t) (o - out);
+    out[n] = 0;
+    return n;
 }
 
 static void
@@ -375,10 +364,10 @@ s_op_server_get (backend_t *self, const cn_msg_t *m, rctx_t *c)
     int fresh = self->cfg->sysinfo_freshness_s;
     const cn_liveness_t *live = self->args->live;
     json_t *view = cn_server_render (rec, true, 0, NULL, 0, now, fresh, live);
-    const char *st = cn_server_status (rec, now, fresh, live);
+    cn_status_inputs_t in;
+    cn_server_status_inputs (rec, &in);
     int64_t hb = 0;
-    if (!cn_server_last_heartbeat (rec, live, &hb))
-        hb = 0;
+    const char *st = cn_server_status_of (&in, now, fresh, live, &hb);
     char *text = NULL;
     if (view) {
         /* The body is built as the gateway's near cache builds it (status
@@ -408,26 +397,15 @@ s_op_server_get (backend_t *self, const cn_msg_t *m, rctx_t *c)
 
     bool fill = false;
     if (cn_msg_bool (m, "fill", &fill) && fill) {
-        /* The near cache keeps the view without status and recomputes the
-         * status per response from a small copy of the record; cache only
-         * when that copy gives the same status as the whole record. */
-        json_t *inputs = cn_backend_status_inputs (rec);
-        const char *st_small = cn_server_status (inputs, now, fresh, live);
-        int64_t hb_small = 0;
-        if (!cn_server_last_heartbeat (inputs, live, &hb_small))
-            hb_small = 0;
-        if (st_small && strcmp (st, st_small) == 0 && hb == hb_small) {
-            r->fill = true;
-            r->view = text;
-            r->view_len = vlen;
-            text = NULL;
-            r->version = version;
-            memcpy (r->uuid, c->uuid, sizeof r->uuid);
-            r->status_rec = inputs;
-            inputs = NULL;
-        }
-        if (inputs)
-            json_decref (inputs);
+        /* The near cache keeps the view without status and last_heartbeat
+         * and recomputes them per response from the same inputs. */
+        r->fill = true;
+        r->view = text;
+        r->view_len = vlen;
+        text = NULL;
+        r->version = version;
+        memcpy (r->uuid, c->uuid, sizeof r->uuid);
+        r->status_in = in;
     }
     free (text);
     json_decref (view);

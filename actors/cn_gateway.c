@@ -132,9 +132,10 @@ typedef struct nc_entry {
     int64_t min_version;        /* newest invalidation version seen */
     uint64_t inval_seq;         /* seq of the newest invalidation */
     uint64_t filled_ms;
-    char *view;
+    char *view;                 /* h2o shared memory: each response in flight
+                                 * holds a reference from its pool */
     size_t view_len;
-    json_t *status_rec;
+    cn_status_inputs_t status_in;
 } nc_entry_t;
 
 /* Invalidation traffic from the actor thread to the h2o thread. */
@@ -388,12 +389,16 @@ s_log_request (gw_t *gw, h2o_req_t *req, h2o_iovec_t req_id, int64_t start_us, i
             "latency_ms", (cn_mono_us () - start_us) / 1000.0);
 }
 
-/* Send a complete response; body is copied unless it already lives in the
- * request's pool (in_pool). */
+/* Send a complete response made of bufs, which stay valid until the
+ * request's pool is cleared. */
 static void
-s_respond (gw_t *gw, h2o_req_t *req, h2o_iovec_t req_id, uint64_t start_ms, int64_t start_us,
-           int status, const char *ctype, const char *body, size_t len, bool in_pool)
+s_respond_iov (gw_t *gw, h2o_req_t *req, h2o_iovec_t req_id, uint64_t start_ms,
+               int64_t start_us, int status, const char *ctype, h2o_iovec_t *bufs,
+               size_t nbufs)
 {
+    size_t len = 0;
+    for (size_t i = 0; i < nbufs; i++)
+        len += bufs[i].len;
     req->res.status = status;
     req->res.reason = s_reason (status);
     if (ctype && len)
@@ -405,12 +410,22 @@ s_respond (gw_t *gw, h2o_req_t *req, h2o_iovec_t req_id, uint64_t start_ms, int6
     h2o_start_response (req, &s_generator);
     if (len == 0 || s_is_method (req, H2O_STRLIT ("HEAD")))
         h2o_send (req, NULL, 0, H2O_SEND_STATE_FINAL);
-    else {
-        h2o_iovec_t buf = in_pool ? h2o_iovec_init (body, len) : h2o_strdup (&req->pool, body, len);
-        h2o_send (req, &buf, 1, H2O_SEND_STATE_FINAL);
-    }
+    else
+        h2o_send (req, bufs, nbufs, H2O_SEND_STATE_FINAL);
     s_count_status (gw, status);
     s_log_request (gw, req, req_id, start_us, status);
+}
+
+/* Send a complete response; body is copied unless it already lives in the
+ * request's pool (in_pool). */
+static void
+s_respond (gw_t *gw, h2o_req_t *req, h2o_iovec_t req_id, uint64_t start_ms, int64_t start_us,
+           int status, const char *ctype, const char *body, size_t len, bool in_pool)
+{
+    h2o_iovec_t buf = h2o_iovec_init (body, len);
+    if (len && !in_pool)
+        buf = h2o_strdup (&req->pool, body, len);
+    s_respond_iov (gw, req, req_id, start_ms, start_us, status, ctype, &buf, 1);
 }
 
 /* {"code":..,"message":..} built in the request's pool. */
@@ -535,13 +550,9 @@ s_nc_drop_body (gw_t *gw, nc_entry_t *e)
 {
     if (e->view) {
         gw->nc_bytes -= e->view_len;
-        free (e->view);
+        h2o_mem_release_shared (e->view);
         e->view = NULL;
         e->view_len = 0;
-    }
-    if (e->status_rec) {
-        json_decref (e->status_rec);
-        e->status_rec = NULL;
     }
 }
 
@@ -630,11 +641,10 @@ s_nc_fill (gw_t *gw, pending_t *p, cn_backend_reply_t *r)
         return;                 /* we may have forgotten an invalidation */
     e = s_nc_get_or_add (gw, r->uuid);
     s_nc_drop_body (gw, e);
-    e->view = r->view;
+    e->view = h2o_mem_alloc_shared (NULL, r->view_len, NULL);
+    memcpy (e->view, r->view, r->view_len);
     e->view_len = r->view_len;
-    e->status_rec = r->status_rec;
-    r->view = NULL;
-    r->status_rec = NULL;
+    e->status_in = r->status_in;
     e->version = r->version;
     e->filled_ms = h2o_now (gw->evloop);
     gw->nc_bytes += e->view_len;
@@ -658,19 +668,23 @@ s_nc_answer (gw_t *gw, h2o_req_t *req, const char *uuid, h2o_iovec_t req_id,
         return false;
     }
     /* status and last_heartbeat are per response: the session status table
-     * is read here (one hash lookup under its read lock) */
-    const char *st = cn_server_status (e->status_rec, cn_now_ms (),
-                                       gw->cfg->sysinfo_freshness_s, gw->live);
-    if (!st)
-        return false;
+     * is read here (one hash lookup under its read lock); the body is that
+     * head, then the cached view itself (no copy: the request's pool holds a
+     * reference until the response is written) */
     int64_t hb = 0;
-    if (!cn_server_last_heartbeat (e->status_rec, gw->live, &hb))
-        hb = 0;
-    char *body = h2o_mem_alloc_pool (&req->pool, e->view_len + strlen (st) + 64);
-    size_t len = cn_backend_splice_view (body, st, hb, e->view, e->view_len);
+    const char *st = cn_server_status_of (&e->status_in, cn_now_ms (),
+                                          gw->cfg->sysinfo_freshness_s, gw->live, &hb);
+    char *head = h2o_mem_alloc_pool (&req->pool, strlen (st) + CN_BACKEND_VIEW_HEAD_MAX);
+    h2o_iovec_t bufs[2];
+    bufs[0] = h2o_iovec_init (head, cn_backend_view_head (head, st, hb, e->view_len));
+    size_t nbufs = 1;
+    if (e->view_len > 2) {
+        h2o_mem_link_shared (&req->pool, e->view);
+        bufs[nbufs++] = h2o_iovec_init (e->view + 1, e->view_len - 1);
+    }
     s_nc_lru_unlink (e);
     s_nc_lru_front (gw, e);
-    s_respond (gw, req, req_id, start_ms, start_us, 200, CT_JSON, body, len, true);
+    s_respond_iov (gw, req, req_id, start_ms, start_us, 200, CT_JSON, bufs, nbufs);
     return true;
 }
 

@@ -33,6 +33,7 @@
 
 #include "cn_config.h"
 #include "cn_liveness.h"
+#include "cn_server.h"
 
 typedef struct {
     const cn_config_t *cfg;
@@ -55,14 +56,14 @@ typedef struct {
     size_t len;
     /* Near-cache fill: only for "server_get" requests with fill=true that
      * answered 200. view is the full server view as JSON text without its
-     * "status" member; status_rec holds the record's inputs to
-     * cn_server_status (owned; only ever touched by one thread at a time). */
+     * "status" and "last_heartbeat" members; status_in holds the record's
+     * inputs to them (include/cn_server.h). */
     bool fill;
     char uuid[37];
     int64_t version;
     char *view;
     size_t view_len;
-    json_t *status_rec;
+    cn_status_inputs_t status_in;
 } cn_backend_reply_t;
 
 /* A zeroed reply for id (abort on out of memory). */
@@ -90,9 +91,14 @@ size_t cn_backend_splice_status (char *out, const char *status, const char *view
 size_t cn_backend_splice_view (char *out, const char *status, int64_t last_heartbeat_ms,
                                const char *view, size_t view_len);
 
-/* The inputs cn_server_status needs from a record: a small copy that the
- * gateway's near cache can keep per server (new reference). */
-json_t *cn_backend_status_inputs (const json_t *rec);
+/* The first part of that body: everything before view + 1 (the status,
+ * last_heartbeat and a ',' when the view has members, else '}'), into out
+ * (room for strlen (status) + 64 bytes). The rest is the view's text from
+ * its second byte, which the near cache sends from its own copy. */
+#define CN_BACKEND_VIEW_HEAD_MAX 64
+size_t cn_backend_view_head (char *out, const char *status, int64_t last_heartbeat_ms,
+                             size_t view_len);
+
 
 void cn_backend_actor (zsock_t *pipe, void *args);
 

@@ -95,6 +95,23 @@ const char *cn_server_status (const json_t *rec, int64_t now_ms, int freshness_s
  * live holds a row for it, else last_sysinfo. false when there is none. */
 bool cn_server_last_heartbeat (const json_t *rec, const cn_liveness_t *live, int64_t *ms);
 
+/* Everything cn_server_status and cn_server_last_heartbeat read from a
+ * record, taken out once: the gateway's near cache keeps this instead of
+ * the record and computes each response's status without touching JSON. */
+typedef struct {
+    char uuid[37];             /* normalised; "" when the record has none */
+    bool has_last_sysinfo;
+    int64_t last_sysinfo;      /* ms */
+    bool rebooting;            /* transitional_status is "rebooting" */
+} cn_status_inputs_t;
+
+void cn_server_status_inputs (const json_t *rec, cn_status_inputs_t *out);
+
+/* cn_server_status of the record in (same rules); when hb is not NULL it
+ * also receives cn_server_last_heartbeat's value, 0 when there is none. */
+const char *cn_server_status_of (const cn_status_inputs_t *in, int64_t now_ms, int freshness_s,
+                                 const cn_liveness_t *live, int64_t *hb);
+
 /* VM state from the agent (docs/server-record.md, "VMs"). Each VM carries
  * its own "seq" (grows with every change of that VM); a change older than
  * what the record holds (the VM's seq, or the seq of its remembered destroy

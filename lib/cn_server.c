@@ -789,50 +789,63 @@ cn_server_apply_sysinfo (const json_t *existing, const json_t *sysinfo,
 
 /* ---- status ---- */
 
-/* The session row of rec's server in live, if any. */
-static bool
-s_live_row (const json_t *rec, const cn_liveness_t *live, cn_status_row_t *row)
+void
+cn_server_status_inputs (const json_t *rec, cn_status_inputs_t *out)
 {
-    const char *uuid = live ? s_str (rec, "uuid") : NULL;
-    char key[37];
-    return uuid && cn_uuid_normalize (uuid, key) && cn_liveness_get (live, key, row);
+    memset (out, 0, sizeof *out);
+    const char *uuid = s_str (rec, "uuid");
+    if (!uuid || !cn_uuid_normalize (uuid, out->uuid))
+        out->uuid[0] = 0;
+    json_t *last = json_object_get (rec, "last_sysinfo");
+    if (json_is_integer (last)) {
+        out->has_last_sysinfo = true;
+        out->last_sysinfo = json_integer_value (last);
+    }
+    const char *ts = s_str (rec, "transitional_status");
+    out->rebooting = ts && strcmp (ts, "rebooting") == 0;
+}
+
+const char *
+cn_server_status_of (const cn_status_inputs_t *in, int64_t now_ms, int freshness_s,
+                     const cn_liveness_t *live, int64_t *hb)
+{
+    cn_status_row_t row;
+    bool running;
+    if (live && in->uuid[0] && cn_liveness_get (live, in->uuid, &row)) {
+        running = row.running;
+        if (hb)
+            *hb = row.last_heartbeat_ms > 0 ? row.last_heartbeat_ms : 0;
+    }
+    else {
+        running = in->has_last_sysinfo
+                  && now_ms - in->last_sysinfo < (int64_t) freshness_s * 1000;
+        if (hb)
+            *hb = in->has_last_sysinfo ? in->last_sysinfo : 0;
+    }
+    if (running)
+        return "running";
+    return in->rebooting ? "rebooting" : "unknown";
 }
 
 const char *
 cn_server_status (const json_t *rec, int64_t now_ms, int freshness_s,
                   const cn_liveness_t *live)
 {
-    cn_status_row_t row;
-    if (s_live_row (rec, live, &row)) {
-        if (row.running)
-            return "running";
-    }
-    else {
-        json_t *last = json_object_get (rec, "last_sysinfo");
-        if (json_is_integer (last) &&
-            now_ms - json_integer_value (last) < (int64_t) freshness_s * 1000)
-            return "running";
-    }
-    const char *ts = s_str (rec, "transitional_status");
-    if (ts && strcmp (ts, "rebooting") == 0)
-        return "rebooting";
-    return "unknown";
+    cn_status_inputs_t in;
+    cn_server_status_inputs (rec, &in);
+    return cn_server_status_of (&in, now_ms, freshness_s, live, NULL);
 }
 
 bool
 cn_server_last_heartbeat (const json_t *rec, const cn_liveness_t *live, int64_t *ms)
 {
-    cn_status_row_t row;
-    if (s_live_row (rec, live, &row)) {
-        if (row.last_heartbeat_ms <= 0)
-            return false;
-        *ms = row.last_heartbeat_ms;
-        return true;
-    }
-    json_t *last = json_object_get (rec, "last_sysinfo");
-    if (!json_is_integer (last))
+    cn_status_inputs_t in;
+    int64_t hb = 0;
+    cn_server_status_inputs (rec, &in);
+    cn_server_status_of (&in, 0, 0, live, &hb);
+    if (hb == 0)
         return false;
-    *ms = json_integer_value (last);
+    *ms = hb;
     return true;
 }
 

@@ -2,6 +2,7 @@
 #include "cn_util.h"
 
 #include <ctype.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,16 +29,49 @@ cn_mono_us (void)
 char *
 cn_iso8601 (int64_t ms, char *buf, size_t len)
 {
-    time_t secs = (time_t) (ms / 1000);
+    /* No gmtime_r: glibc takes its timezone lock for it, and the gateway
+     * formats a timestamp per response. Days to civil date after Howard
+     * Hinnant's "chrono-compatible low-level date algorithms". */
+    int64_t secs = ms / 1000;
     int millis = (int) (ms % 1000);
     if (millis < 0) {
         millis += 1000;
         secs -= 1;
     }
-    struct tm tm;
-    gmtime_r (&secs, &tm);
-    snprintf (buf, len, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900,
-              tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, millis);
+    int64_t days = secs / 86400;
+    int64_t sod = secs % 86400;
+    if (sod < 0) {
+        sod += 86400;
+        days -= 1;
+    }
+    int64_t z = days + 719468;
+    int64_t era = (z >= 0 ? z : z - 146096) / 146097;
+    int64_t doe = z - era * 146097;
+    int64_t yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    int64_t doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    int64_t mp = (5 * doy + 2) / 153;
+    int day = (int) (doy - (153 * mp + 2) / 5 + 1);
+    int month = (int) (mp < 10 ? mp + 3 : mp - 9);
+    int64_t year = yoe + era * 400 + (month <= 2);
+    if (year < 0 || year > 9999 || len < 25) {
+        snprintf (buf, len, "%04" PRId64 "-%02d-%02dT%02d:%02d:%02d.%03dZ", year, month, day,
+                  (int) (sod / 3600), (int) (sod / 60 % 60), (int) (sod % 60), millis);
+        return buf;
+    }
+    int f[7] = { (int) year, month, day, (int) (sod / 3600), (int) (sod / 60 % 60),
+                 (int) (sod % 60), millis };
+    static const char seps[7] = { '-', '-', 'T', ':', ':', '.', 'Z' };
+    static const int widths[7] = { 4, 2, 2, 2, 2, 2, 3 };
+    char *o = buf;
+    for (int i = 0; i < 7; i++) {
+        for (int k = widths[i] - 1; k >= 0; k--) {
+            o[k] = (char) ('0' + f[i] % 10);
+            f[i] /= 10;
+        }
+        o += widths[i];
+        *o++ = seps[i];
+    }
+    *o = 0;
     return buf;
 }
 

@@ -50,8 +50,9 @@ cat > "$STATE/c.json" <<JSON
  "admin": {"endpoint": "ipc://$STATE/a.sock"}, "amqp": {"url": "$CNAPI_AMQP_URL"},
  "postgres": {"conninfo": "$PG"}, "redis": {"url": "$CNAPI_REDIS_URL"}}
 JSON
-env $NO_CNAPI_ENV "$BUILD/cnapid" -c "$STATE/c.json" >"$STATE/cnapid.log" 2>&1 &
+env $NO_CNAPI_ENV ${CNAPID_ENV:-} "$BUILD/cnapid" -c "$STATE/c.json" >"$STATE/cnapid.log" 2>&1 &
 PIDS+=($!)
+CNAPID=$!
 "$BUILD/sysinfo-burst" --url "$CNAPI_AMQP_URL" --servers "$SERVERS" --messages "$SERVERS" --prefix beef0001 --queue ur.cnapi >/dev/null
 for n in $(seq 1 1200); do
   c=$(curl -fsS "http://127.0.0.2:$PORT/servers?limit=1000&offset=$((SERVERS - 1000))" 2>/dev/null \
@@ -65,6 +66,7 @@ BODY=$(curl -fsS "http://127.0.0.2:$PORT/servers/beef0001-0000-4000-8000-0000000
 BPORT=$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.3",0)); print(s.getsockname()[1])')
 "$BUILD/bare-h2o" 127.0.0.3 "$BPORT" "$BODY" >/dev/null 2>&1 &
 PIDS+=($!)
+BARE=$!
 for n in $(seq 1 100); do curl -fsS -o /dev/null "http://127.0.0.3:$BPORT/x" 2>/dev/null && break; sleep 0.05; done
 cat > "$STATE/uuids.lua" <<LUA
 local n = $SERVERS
@@ -75,11 +77,28 @@ request = function()
 end
 LUA
 echo "== bare h2o (ceiling), $BODY-byte answers, the same wrk script: wrk -t1 -c$CONNS -d${SECS}s"
-wrk -t1 -c"$CONNS" -d"${SECS}s" --latency -s "$STATE/uuids.lua" "http://127.0.0.3:$BPORT" | sed 's/^/   /'
+# CPU per request (utime + stime of the server process over the run / the
+# requests wrk counted): the figure that other load on the machine disturbs
+# least
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+wrk_cpu() {   # PID wrk-args...: wrk's summary, then the server's CPU per request
+  local pid=$1 c0 c1 out
+  shift
+  c0=$(cpu_ticks "$pid")
+  out=$(wrk "$@")
+  c1=$(cpu_ticks "$pid")
+  echo "$out" | sed 's/^/   /'
+  echo "$out" | $PY -c '
+import re,sys
+t=sys.stdin.read(); n=int(re.search(r"(\d+) requests in", t).group(1))
+ticks=int(sys.argv[1]); hz=int(sys.argv[2])
+print("   server CPU: %.2f s for %d requests = %.2f us per request" % (ticks/hz, n, ticks/hz*1e6/n))' "$((c1 - c0))" "$(getconf CLK_TCK)"
+}
+wrk_cpu "$BARE" -t1 -c"$CONNS" -d"${SECS}s" --latency -s "$STATE/uuids.lua" "http://127.0.0.3:$BPORT"
 echo "== warm the near cache (one pass over every uuid)"
 wrk -t1 -c"$CONNS" -d2s -s "$STATE/uuids.lua" "http://127.0.0.2:$PORT" >/dev/null
 echo "== GET /servers/:uuid over $SERVERS uuids ($BODY-byte answers): wrk -t1 -c$CONNS -d${SECS}s"
-wrk -t1 -c"$CONNS" -d"${SECS}s" --latency -s "$STATE/uuids.lua" "http://127.0.0.2:$PORT" | sed 's/^/   /'
+wrk_cpu "$CNAPID" -t1 -c"$CONNS" -d"${SECS}s" --latency -s "$STATE/uuids.lua" "http://127.0.0.2:$PORT"
 echo "== GET /servers (default page: 1000 of $SERVERS): wrk -t1 -c4 -d${SECS}s"
 wrk -t1 -c4 -d"${SECS}s" --latency "http://127.0.0.2:$PORT/servers" | sed 's/^/   /'
 "$BUILD/cnapictl" -e "ipc://$STATE/a.sock" actors | sed 's/^/   /'

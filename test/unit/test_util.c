@@ -3,6 +3,8 @@
 #include "cn_util.h"
 
 #include <stdlib.h>
+#include <string.h>
+#include <time.h>
 
 static void
 test_uuid (void)
@@ -47,6 +49,23 @@ test_iso8601 (void)
     char buf[32];
     CHECK_STR (cn_iso8601 (0, buf, sizeof buf), "1970-01-01T00:00:00.000Z");
     CHECK_STR (cn_iso8601 (1764067796123LL, buf, sizeof buf), "2025-11-25T10:49:56.123Z");
+    CHECK_STR (cn_iso8601 (951782400000LL, buf, sizeof buf), "2000-02-29T00:00:00.000Z");
+    CHECK_STR (cn_iso8601 (-1, buf, sizeof buf), "1969-12-31T23:59:59.999Z");
+    CHECK_STR (cn_iso8601 (253402300799999LL, buf, sizeof buf), "9999-12-31T23:59:59.999Z");
+    /* the hand-made calendar agrees with gmtime_r + strftime over 1900..2400,
+     * in steps that land on every day of the year and every leap rule */
+    int bad = 0;
+    for (int64_t ms = -2208988800000LL; ms < 13569465600000LL; ms += 86400000LL * 7 + 3723004) {
+        time_t t = (time_t) (ms >= 0 ? ms / 1000 : (ms - 999) / 1000);
+        struct tm tm;
+        gmtime_r (&t, &tm);
+        char want[40];
+        size_t n = strftime (want, sizeof want, "%Y-%m-%dT%H:%M:%S", &tm);
+        snprintf (want + n, sizeof want - n, ".%03dZ", (int) (((ms % 1000) + 1000) % 1000));
+        if (strcmp (cn_iso8601 (ms, buf, sizeof buf), want) != 0 && bad++ < 3)
+            fprintf (stderr, "cn_iso8601 (%lld): %s, want %s\n", (long long) ms, buf, want);
+    }
+    CHECK_INT (bad, 0);
 }
 
 static void
