@@ -86,6 +86,14 @@
 #define FRAME_RETRY_QUEUE 100000
 #define SWEEP_BATCH 1000
 #define CHECKS_MAX 1000             /* sweep checks in flight */
+/* A server's agent address (admin IP, agent port) is read from the store
+ * at most once per SRV_TTL_MS per instance: it changes only with a new
+ * sysinfo, and the read cost a store round trip and the parse of a whole
+ * record per pass (issue 4 benchmarks). Whether the server is running is
+ * still asked of the status table on every request; a server that is not
+ * found is never remembered. */
+#define SRV_TTL_MS 1000
+#define SRV_ADDR_MAX 100000
 
 enum { H_DISPATCH, H_LOAD, H_CHECK };
 
@@ -144,6 +152,7 @@ typedef struct {
     char msg[256];
     char ip[64];
     int port;
+    int64_t read_ms;            /* when it was read from the store */
 } srv_t;
 
 struct self {
@@ -168,6 +177,9 @@ struct self {
     pcreate_t *pc;              /* creations of this pass (PASS_MAX) */
     size_t npc;
     zhashx_t *srv;              /* server uuid -> srv_t, for one pass */
+    zhashx_t *addr;             /* server uuid -> srv_t: agent addresses read
+                                 * within SRV_TTL_MS (found servers only) */
+    uint64_t addr_hits;
     char (*marks)[37];          /* task ids accepted (202), not yet marked */
     size_t nmarks, capmarks;
     int64_t next_poll_ms, next_safety_ms, next_sweep_ms, next_sub_check_ms;
@@ -176,6 +188,9 @@ struct self {
     uint64_t requests, created, dispatched, dispatch_failures, completed, failed, loads,
         waits_total, wait_timeouts, frames, acks, frame_retries, frames_dropped, sweeps,
         swept, checks, store_failures, publish_failures, conflicts;
+    /* creation passes: how many, and the time they spent reading servers,
+     * checking the requests and committing (us) */
+    uint64_t create_passes, create_pass_requests, pass_read_us, pass_check_us, pass_commit_us;
     char last_error[160];
 };
 
@@ -936,6 +951,42 @@ s_server_lookup (self_t *self, const char *uuid, srv_t *out)
     cn_mobj_fini (&o);
 }
 
+/* Keep a found server's address for SRV_TTL_MS. */
+static void
+s_addr_remember (self_t *self, const char *uuid, const srv_t *sv)
+{
+    if (sv->status != 0)
+        return;
+    if (zhashx_size (self->addr) >= SRV_ADDR_MAX)
+        zhashx_purge (self->addr);
+    srv_t *copy = malloc (sizeof *copy);
+    if (!copy)
+        abort ();
+    *copy = *sv;
+    copy->read_ms = cn_now_ms ();
+    zhashx_update (self->addr, uuid, copy);
+}
+
+/* A remembered address still fresh enough: into the pass's table. */
+static bool
+s_addr_recall (self_t *self, const char *uuid)
+{
+    srv_t *a = zhashx_lookup (self->addr, uuid);
+    if (!a)
+        return false;
+    if (cn_now_ms () - a->read_ms >= SRV_TTL_MS) {
+        zhashx_delete (self->addr, uuid);
+        return false;
+    }
+    srv_t *sv = malloc (sizeof *sv);
+    if (!sv)
+        abort ();
+    *sv = *a;
+    zhashx_insert (self->srv, uuid, sv);
+    self->addr_hits++;
+    return true;
+}
+
 static int
 s_prefetch_row (const cn_mobj_t *obj, void *arg)
 {
@@ -947,6 +998,7 @@ s_prefetch_row (const cn_mobj_t *obj, void *arg)
         abort ();
     s_server_from (self, obj->key, obj->value, obj->value_len, sv);
     zhashx_insert (self->srv, obj->key, sv);
+    s_addr_remember (self, obj->key, sv);
     return 0;
 }
 
@@ -1004,12 +1056,15 @@ static int
 s_server (self_t *self, rctx_t *c, char *ip, size_t iplen, int *port)
 {
     srv_t *sv = zhashx_lookup (self->srv, c->uuid);
+    if (!sv && s_addr_recall (self, c->uuid))
+        sv = zhashx_lookup (self->srv, c->uuid);
     if (!sv) {
         sv = calloc (1, sizeof *sv);
         if (!sv)
             abort ();
         s_server_lookup (self, c->uuid, sv);
         zhashx_insert (self->srv, c->uuid, sv);
+        s_addr_remember (self, c->uuid, sv);
     }
     if (sv->status) {
         s_reply_error (self, c->id, c->req_id, sv->status, sv->code, "%s", sv->msg);
@@ -1409,7 +1464,7 @@ s_on_pull (zloop_t *loop, zsock_t *pull, void *arg)
             break;
         fr[n++] = f;
         char u[37];
-        if (s_frame_server (f, u) && !zhashx_lookup (self->srv, u)) {
+        if (s_frame_server (f, u) && !zhashx_lookup (self->srv, u) && !s_addr_recall (self, u)) {
             bool seen = false;
             for (size_t i = 0; i < nu && !seen; i++)
                 seen = memcmp (uuids[i], u, 37) == 0;
@@ -1418,13 +1473,24 @@ s_on_pull (zloop_t *loop, zsock_t *pull, void *arg)
         }
     }
     /* the pass's servers in one read (s_server finds them in self->srv) */
+    int64_t t0 = cn_mono_us ();
     if (nu > 1)
         s_prefetch_servers (self, uuids, nu);
+    int64_t t1 = cn_mono_us ();
     for (size_t i = 0; i < n; i++) {
         s_on_request (self, fr[i]);
         zframe_destroy (&fr[i]);
     }
+    int64_t t2 = cn_mono_us ();
+    size_t nc = self->npc;
     s_flush_creates (self);
+    if (nc) {
+        self->create_passes++;
+        self->create_pass_requests += nc;
+        self->pass_read_us += (uint64_t) (t1 - t0);
+        self->pass_check_us += (uint64_t) (t2 - t1);
+        self->pass_commit_us += (uint64_t) (cn_mono_us () - t2);
+    }
     zhashx_purge (self->srv);
     /* send the POSTs just queued and read the answers that came meanwhile:
      * zloop handles one poller event per pass once the poll set changed
@@ -2068,7 +2134,7 @@ static zframe_t *
 s_status (self_t *self)
 {
     cn_msgw_t w;
-    cn_msgw_init (&w, "status", 31);
+    cn_msgw_init (&w, "status", 36);
     cn_msgw_str (&w, "actor", "tasks");
     cn_msgw_str (&w, "state", !self->started ? "stopped"
                             : !self->bucket_ready ? "degraded" : "running");
@@ -2095,6 +2161,12 @@ s_status (self_t *self)
     cn_msgw_uint (&w, "checks", self->checks);
     cn_msgw_uint (&w, "checks_in_flight", self->checking ? zhashx_size (self->checking) : 0);
     cn_msgw_uint (&w, "conflicts", self->conflicts);
+    double passes = self->create_passes ? (double) self->create_passes : 1.0;
+    cn_msgw_uint (&w, "address_hits", self->addr_hits);
+    cn_msgw_double (&w, "create_batch_avg", (double) self->create_pass_requests / passes);
+    cn_msgw_double (&w, "create_read_ms_avg", (double) self->pass_read_us / passes / 1000.0);
+    cn_msgw_double (&w, "create_check_ms_avg", (double) self->pass_check_us / passes / 1000.0);
+    cn_msgw_double (&w, "create_commit_ms_avg", (double) self->pass_commit_us / passes / 1000.0);
     cn_msgw_uint (&w, "store_failures", self->store_failures);
     cn_msgw_uint (&w, "publish_failures", self->publish_failures);
     cn_msgw_bool (&w, "pg", self->moray && cn_moray_connected (self->moray));
@@ -2220,9 +2292,11 @@ cn_tasks_actor (zsock_t *pipe, void *args)
     zlistx_set_destructor (self->retry, s_fretry_free);
     self->pc = calloc (PASS_MAX, sizeof *self->pc);
     self->srv = zhashx_new ();
-    if (!self->pc || !self->srv)
+    self->addr = zhashx_new ();
+    if (!self->pc || !self->srv || !self->addr)
         abort ();
     zhashx_set_destructor (self->srv, s_srv_free);
+    zhashx_set_destructor (self->addr, s_srv_free);
     zloop_set_nonstop (self->loop, true);
     zloop_reader (self->loop, pipe, s_on_pipe, self);
     zsock_signal (pipe, 0);
@@ -2241,6 +2315,7 @@ cn_tasks_actor (zsock_t *pipe, void *args)
     zhashx_destroy (&self->checking);
     zlistx_destroy (&self->retry);
     zhashx_destroy (&self->srv);
+    zhashx_destroy (&self->addr);
     for (size_t i = 0; i < self->npc; i++) {
         free (self->pc[i].text);
         json_decref (self->pc[i].agent_params);

@@ -2682,8 +2682,15 @@ s_batch (cn_moray_t *m, cn_mop_t *ops, size_t n, size_t *failed, bool *applied)
     if ((rc = s_ready (m)))
         goto out;
     int64_t mtime = cn_now_ms ();
-    bool own;
-    if ((rc = s_unit_begin (m, &own)))
+    /* A partial batch that is one grouped statement needs no transaction of
+     * its own: the statement is atomic, and a failed condition skips its op
+     * instead of undoing the others. Outside a caller's transaction that
+     * saves the BEGIN and COMMIT round trips (task creations, issue 4). */
+    bool one_statement = applied && n > 1 && !dup && !m->in_txn;
+    for (size_t i = 1; i < n && one_statement; i++)
+        one_statement = ob[i] == ob[0] && s_op_class (&ops[i]) == s_op_class (&ops[0]);
+    bool own = false;
+    if (!one_statement && (rc = s_unit_begin (m, &own)))
         goto out;
     if (n == 1 || dup) {
         /* one statement per op, in order */
@@ -2749,7 +2756,8 @@ s_batch (cn_moray_t *m, cn_mop_t *ops, size_t n, size_t *failed, bool *applied)
             }
         }
     }
-    rc = s_unit_end (m, own, rc);
+    if (!one_statement)
+        rc = s_unit_end (m, own, rc);
 out:
     if (rc != CN_MORAY_OK) {
         for (size_t i = 0; i < n; i++) {

@@ -1,6 +1,6 @@
 """tasks_tool.py: the load generator and the arithmetic of test/bench/tasks.sh
 (issue 4). Standard library only; plain HTTP/1.1 keep-alive sockets, one per
-thread.
+sender (dispatch and max: each sender its own process).
 
   dispatch --url URL --prefix HEX8 --cns N --vms V --rate R --seconds S
            [--threads T] [--out FILE]
@@ -32,6 +32,7 @@ thread.
 import argparse
 import datetime
 import json
+import os
 import socket
 import sys
 import threading
@@ -182,11 +183,37 @@ def cmd_dispatch(a, closed=False):
             n += a.threads
         c.close()
 
-    ths = [threading.Thread(target=worker, args=(k,)) for k in range(a.threads)]
-    for t in ths:
-        t.start()
-    for t in ths:
-        t.join()
+    # one process per sender: threads of one interpreter share its lock, and
+    # a sender waiting for it (up to the 5 ms switch interval) would count
+    # that wait as the server's latency
+    kids = []
+    for k in range(a.threads):
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(rfd)
+            code = 0
+            try:
+                worker(k)
+                data = json.dumps({"rows": out[k], "late": late[k], "errors": errors[k]}).encode()
+                with os.fdopen(wfd, "wb") as w:
+                    w.write(data)
+            except BaseException:
+                code = 1
+            os._exit(code)
+        os.close(wfd)
+        kids.append((pid, rfd))
+    for k, (pid, rfd) in enumerate(kids):
+        with os.fdopen(rfd, "rb") as r:
+            data = r.read()
+        os.waitpid(pid, 0)
+        if data:
+            d = json.loads(data)
+            out[k] = [tuple(x) for x in d["rows"]]
+            late[k] = d["late"]
+            errors[k] = d["errors"]
+        else:
+            errors[k] += 1
     rows = sorted((r for o in out for r in o), key=lambda r: r[1])
     if a.out:
         with open(a.out, "w") as f:

@@ -896,6 +896,47 @@ test_batch (void)
     cn_moray_destroy (&m);
 }
 
+/* cn_moray_batch_partial: a failed condition skips its op, the others are
+ * written; the same outside a transaction (one statement, no BEGIN) and
+ * inside the caller's (a savepoint). */
+static void
+test_batch_partial (void)
+{
+    cn_moray_t *m = s_open ();
+    CHECK_INT (cn_moray_put (m, BA, "p0", "{\"v\":0}", NULL, NULL, NULL), CN_MORAY_OK);
+    cn_mop_t ops[3];
+    bool applied[3];
+    s_set_op (&ops[0], CN_MOP_PUT, BA, "p1", "{\"v\":1}", "");
+    s_set_op (&ops[1], CN_MOP_PUT, BA, "p0", "{\"v\":2}", "");     /* exists */
+    s_set_op (&ops[2], CN_MOP_PUT, BA, "p2", "{\"v\":3}", "");
+    CHECK_INT (cn_moray_batch_partial (m, ops, 3, applied), CN_MORAY_OK);
+    CHECK (applied[0] && !applied[1] && applied[2]);
+    CHECK (ops[0].out_id > 0 && ops[1].out_id == 0 && ops[2].out_id > 0);
+    CHECK_STR (s_sql ("SELECT string_agg (_key || '=' || _value, ',' ORDER BY _key) FROM " BA
+                      " WHERE _key IN ('p0','p1','p2')", 0, NULL),
+               "p0={\"v\":0},p1={\"v\":1},p2={\"v\":3}");
+    /* the connection is usable afterwards, with no transaction left open */
+    CHECK_INT (cn_moray_commit (m), CN_MORAY_EINVAL);
+
+    /* inside the caller's transaction: written only at its commit */
+    CHECK_INT (cn_moray_begin (m), CN_MORAY_OK);
+    s_set_op (&ops[0], CN_MOP_PUT, BA, "p3", "{}", "");
+    s_set_op (&ops[1], CN_MOP_PUT, BA, "p1", "{}", "");              /* exists */
+    CHECK_INT (cn_moray_batch_partial (m, ops, 2, applied), CN_MORAY_OK);
+    CHECK (applied[0] && !applied[1]);
+    CHECK_STR (s_sql ("SELECT count(*) FROM " BA " WHERE _key = 'p3'", 0, NULL), "0");
+    CHECK_INT (cn_moray_commit (m), CN_MORAY_OK);
+    CHECK_STR (s_sql ("SELECT count(*) FROM " BA " WHERE _key = 'p3'", 0, NULL), "1");
+
+    /* every op skipped: still OK, nothing written */
+    s_set_op (&ops[0], CN_MOP_PUT, BA, "p0", "{}", "");
+    s_set_op (&ops[1], CN_MOP_PUT, BA, "p1", "{}", "");
+    CHECK_INT (cn_moray_batch_partial (m, ops, 2, applied), CN_MORAY_OK);
+    CHECK (!applied[0] && !applied[1]);
+    CHECK_INT (cn_moray_batch_partial (m, ops, 2, NULL), CN_MORAY_EINVAL);
+    cn_moray_destroy (&m);
+}
+
 static void
 test_batch_large (void)
 {
@@ -1133,6 +1174,7 @@ main (void)
     RUN (test_find);
     RUN (test_find_reentry);
     RUN (test_batch);
+    RUN (test_batch_partial);
     RUN (test_batch_large);
     RUN (test_get_many_locked);
     RUN (test_eio);
