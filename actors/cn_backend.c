@@ -944,6 +944,9 @@ cn_backend_actor (zsock_t *pipe, void *args)
     self->cfg = self->args->cfg;
     self->pipe = pipe;
     snprintf (self->component, sizeof self->component, "%s", COMPONENT);
+    char tname[16];
+    snprintf (tname, sizeof tname, "backend-%d", self->args->index);
+    cn_thread_name (tname);
     self->loop = zloop_new ();
     self->wpending = zhashx_new ();
     zhashx_set_destructor (self->wpending, s_wreq_free);

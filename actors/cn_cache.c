@@ -3,6 +3,8 @@
  */
 #include "cn_cache.h"
 
+#include "cn_actor.h"
+
 #include "cn_health.h"
 #include "cn_log.h"
 #include "cn_msg.h"
@@ -162,6 +164,7 @@ void
 cn_cache_actor (zsock_t *pipe, void *args)
 {
     const cn_cache_args_t *a = args;
+    cn_thread_name ("cache");
     self_t *self = calloc (1, sizeof *self);
     self->cfg = a->cfg;
     self->stats = a->stats;

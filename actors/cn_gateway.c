@@ -1255,6 +1255,7 @@ static void *
 s_h2o_thread (void *arg)
 {
     gw_t *gw = arg;
+    cn_thread_name ("gateway-h2o");
     while (!atomic_load (&gw->stop))
         h2o_evloop_run (gw->evloop, 200);
 

@@ -30,8 +30,13 @@
  * tickets, execute), seconds */
 #define CN_WAIT_MAX_S 3600
 
-/* Bind a REP socket at CN_CTL_FMT for name; NULL on failure. */
+/* Bind a REP socket at CN_CTL_FMT for name; NULL on failure. It runs in
+ * the actor's thread, so it also names that thread (cn_thread_name). */
 zsock_t *cn_ctl_bind (const char *name);
+
+/* Name the calling thread (its first 15 bytes), as top -H, ps -L and perf
+ * show it. */
+void cn_thread_name (const char *name);
 
 /* A zhashx keyed by uint64 tags held in the key pointer itself (no
  * allocation per key): cn_tag_keys (h) once, then CN_TAG_KEY (tag) as key. */

@@ -1,9 +1,13 @@
 /* cn_actor: see include/cn_actor.h. */
 #include "cn_actor.h"
 
+#include <pthread.h>
+#include <stdio.h>
+
 zsock_t *
 cn_ctl_bind (const char *name)
 {
+    cn_thread_name (name);
     zsock_t *rep = zsock_new (ZMQ_REP);
     if (!rep)
         return NULL;
@@ -12,6 +16,14 @@ cn_ctl_bind (const char *name)
         return NULL;
     }
     return rep;
+}
+
+void
+cn_thread_name (const char *name)
+{
+    char n[16];
+    snprintf (n, sizeof n, "%s", name);     /* the kernel keeps 15 bytes */
+    pthread_setname_np (pthread_self (), n);
 }
 
 static size_t
