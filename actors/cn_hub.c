@@ -19,13 +19,12 @@
  * ways) -> CLOSING (close frame queued; the socket closes once it is written
  * and the peer answered or a short linger passed).
  *
- * Timers. `dead` is an h2o_timeout_t list shared by all sessions, a FIFO of
+ * Timers are two h2o_timeout_t lists shared by all sessions, each a FIFO of
  * entries with one fixed delay, so arming and re-arming is O(1) and the loop
- * wakes once for the earliest entry (dead_after_ms since the last byte
- * heard: close 4002; in CLOSING the same entry is the linger bound on
- * `linger`). Heartbeats (hb every heartbeat_ms) are a FIFO of sessions sent
- * in ticks by one timer (s_on_beat_tick). A one-entry timeout drives the
- * periodic flush report.
+ * wakes once for the earliest entry: `beat` (heartbeat_ms: send hb) and
+ * `dead` (dead_after_ms since the last byte heard: close 4002; in CLOSING
+ * the same entry is the linger bound on `linger`). A third one-entry timeout
+ * drives the periodic flush report.
  *
  * Messages from the sessions actor arrive on the hub's multithread receiver
  * (the sessions' mailbox, drained by the loop in arrival order) and name
@@ -71,8 +70,7 @@ typedef struct sess {
     uint64_t hb_seq;
     uint64_t connected_ms;      /* wall clock */
     uint64_t last_heard;        /* h2o_now (wall clock ms) */
-    h2o_linklist_t beat_link;   /* hub->beats, in due order */
-    uint64_t beat_due;          /* h2o_now of the next hb */
+    h2o_timeout_entry_t beat;
     h2o_timeout_entry_t dead;
     uint8_t state;
     bool writing;               /* wbuf is in flight */
@@ -102,11 +100,8 @@ struct cn_hub {
     void *tpush_handle;
     h2o_multithread_receiver_t rx;
     bool rx_registered;
-    h2o_timeout_t tick_to, dead_to, linger_to, flush_to;
+    h2o_timeout_t beat_to, dead_to, linger_to, flush_to;
     h2o_timeout_entry_t flush_entry;
-    h2o_timeout_entry_t tick_entry;
-    h2o_linklist_t beats;       /* sessions waiting for their next hb */
-    uint64_t tick_ms;
     bool timeouts_ready;
     sess_t **table;
     h2o_linklist_t all;
@@ -196,7 +191,6 @@ s_bye (sess_t *s, const char *reason)
 
 static void s_on_written (h2o_socket_t *sock, const char *err);
 static void s_free (sess_t *s);
-static void s_beat_unlink (sess_t *s);
 
 static void
 s_close_socket (sess_t *s)
@@ -300,7 +294,8 @@ s_close (sess_t *s, uint16_t code, const char *reason)
     s_send_frame (s, CN_WS_OP_CLOSE, payload, n);
     s->state = S_CLOSING;
     s->close_when_written = true;
-    s_beat_unlink (s);
+    if (h2o_timeout_is_linked (&s->beat))
+        h2o_timeout_unlink (&s->beat);
     if (h2o_timeout_is_linked (&s->dead))
         h2o_timeout_unlink (&s->dead);
     h2o_timeout_link (s->hub->loop, &s->hub->linger_to, &s->dead);
@@ -331,53 +326,19 @@ s_send_goaway (sess_t *s, const char *reason)
 /* ------------------------------------------------------------------ */
 /* Timers                                                               */
 
-/* Heartbeats go out in ticks: one timer for the hub, every tick_ms, sends
- * the hb of every session due within half a tick, in due order (a FIFO:
- * the delay is the same for all). The loop wakes 1000 / tick_ms times a
- * second for them instead of once per session, and the agents, which answer
- * an hb with theirs (lib/cn_agent.c), reply in the same bursts, so their
- * frames are read many per wake-up too (issue 3, heartbeat CPU). */
 static void
-s_beat_unlink (sess_t *s)
+s_on_beat (h2o_timeout_entry_t *entry)
 {
-    if (h2o_linklist_is_linked (&s->beat_link))
-        h2o_linklist_unlink (&s->beat_link);
-}
-
-static void
-s_beat_schedule (sess_t *s)
-{
-    cn_hub_t *hub = s->hub;
-    s_beat_unlink (s);
-    s->beat_due = h2o_now (hub->loop) + (uint64_t) hub->cfg->session_heartbeat_ms;
-    h2o_linklist_insert (&hub->beats, &s->beat_link);
-    if (!h2o_timeout_is_linked (&hub->tick_entry))
-        h2o_timeout_link (hub->loop, &hub->tick_to, &hub->tick_entry);
-}
-
-static void
-s_on_beat_tick (h2o_timeout_entry_t *entry)
-{
-    cn_hub_t *hub = H2O_STRUCT_FROM_MEMBER (cn_hub_t, tick_entry, entry);
-    uint64_t limit = h2o_now (hub->loop) + hub->tick_ms / 2;
-    while (!h2o_linklist_is_empty (&hub->beats)) {
-        sess_t *s = H2O_STRUCT_FROM_MEMBER (sess_t, beat_link, hub->beats.next);
-        if (s->beat_due > limit)
-            break;
-        h2o_linklist_unlink (&s->beat_link);
-        if (s->state != S_OWNED)
-            continue;
-        /* rescheduled first: a failed write may free the session */
-        s_beat_schedule (s);
-        cn_msgw_t w;
-        cn_msgw_init (&w, "hb", 2);
-        cn_msgw_uint (&w, "seq", ++s->hb_seq);
-        cn_msgw_int (&w, "sent_ms", (int64_t) h2o_now (hub->loop));
-        atomic_fetch_add_explicit (&hub->stats.hb_sent, 1, memory_order_relaxed);
-        s_send_msg (s, &w);
-    }
-    if (!h2o_linklist_is_empty (&hub->beats) && !h2o_timeout_is_linked (&hub->tick_entry))
-        h2o_timeout_link (hub->loop, &hub->tick_to, &hub->tick_entry);
+    sess_t *s = H2O_STRUCT_FROM_MEMBER (sess_t, beat, entry);
+    if (s->state != S_OWNED)
+        return;
+    cn_msgw_t w;
+    cn_msgw_init (&w, "hb", 2);
+    cn_msgw_uint (&w, "seq", ++s->hb_seq);
+    cn_msgw_int (&w, "sent_ms", (int64_t) h2o_now (s->hub->loop));
+    s_send_msg (s, &w);
+    atomic_fetch_add_explicit (&s->hub->stats.hb_sent, 1, memory_order_relaxed);
+    h2o_timeout_link (s->hub->loop, &s->hub->beat_to, &s->beat);
 }
 
 static void
@@ -846,9 +807,9 @@ s_on_cmds (h2o_multithread_receiver_t *rx, h2o_linklist_t *messages)
             cn_msgw_str (&w, "instance", hub->cfg->instance);
             cn_msgw_uint (&w, "epoch", c->epoch);
             cn_msgw_uint (&w, "heartbeat_ms", (uint64_t) hub->cfg->session_heartbeat_ms);
-            if (!h2o_linklist_is_linked (&s->beat_link))
-                s_beat_schedule (s);
             s_send_msg (s, &w);
+            if (!h2o_timeout_is_linked (&s->beat))
+                h2o_timeout_link (hub->loop, &hub->beat_to, &s->beat);
         }
         else
         if (c->kind == CN_HUB_CLOSE && s && s->state != S_CLOSING) {
@@ -878,7 +839,8 @@ static void
 s_free (sess_t *s)
 {
     cn_hub_t *hub = s->hub;
-    s_beat_unlink (s);
+    if (h2o_timeout_is_linked (&s->beat))
+        h2o_timeout_unlink (&s->beat);
     if (h2o_timeout_is_linked (&s->dead))
         h2o_timeout_unlink (&s->dead);
     s_table_remove (hub, s);
@@ -932,6 +894,7 @@ cn_hub_on_req (cn_hub_t *hub, h2o_req_t *req, const char *uuid, h2o_iovec_t key,
     s->hub = hub;
     s->sid = ++hub->next_sid;
     memcpy (s->uuid, uuid, 36);
+    s->beat.cb = s_on_beat;
     s->dead.cb = s_on_dead;
     struct sockaddr_storage ss;
     socklen_t sl = req->conn->callbacks->get_peername (req->conn, (struct sockaddr *) &ss);
@@ -1056,15 +1019,7 @@ cn_hub_start (cn_hub_t *hub, char *reason, size_t rlen)
     hub->tpush_handle = zsock_resolve (hub->tpush);
     h2o_multithread_register_receiver (hub->ctx->queue, &hub->rx, s_on_cmds);
     hub->rx_registered = true;
-    /* heartbeats in ticks of a tenth of the interval (10..50 ms) */
-    hub->tick_ms = (uint64_t) cfg->session_heartbeat_ms / 10;
-    if (hub->tick_ms > 50)
-        hub->tick_ms = 50;
-    if (hub->tick_ms < 10)
-        hub->tick_ms = 10;
-    h2o_timeout_init (hub->loop, &hub->tick_to, hub->tick_ms);
-    h2o_linklist_init_anchor (&hub->beats);
-    hub->tick_entry.cb = s_on_beat_tick;
+    h2o_timeout_init (hub->loop, &hub->beat_to, (uint64_t) cfg->session_heartbeat_ms);
     h2o_timeout_init (hub->loop, &hub->dead_to, (uint64_t) cfg->session_dead_after_ms);
     h2o_timeout_init (hub->loop, &hub->linger_to, LINGER_MS);
     h2o_timeout_init (hub->loop, &hub->flush_to, (uint64_t) cfg->session_flush_ms);
@@ -1126,9 +1081,7 @@ cn_hub_destroy (cn_hub_t **p)
     if (hub->timeouts_ready) {
         if (h2o_timeout_is_linked (&hub->flush_entry))
             h2o_timeout_unlink (&hub->flush_entry);
-        if (h2o_timeout_is_linked (&hub->tick_entry))
-            h2o_timeout_unlink (&hub->tick_entry);
-        h2o_timeout_dispose (hub->loop, &hub->tick_to);
+        h2o_timeout_dispose (hub->loop, &hub->beat_to);
         h2o_timeout_dispose (hub->loop, &hub->dead_to);
         h2o_timeout_dispose (hub->loop, &hub->linger_to);
         h2o_timeout_dispose (hub->loop, &hub->flush_to);

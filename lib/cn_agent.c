@@ -29,10 +29,7 @@
  *
  * The open timeout covers connect, upgrade and welcome. Once UP, any bytes
  * from the instance push the silence deadline (3 x the instance's heartbeat
- * interval) back; heartbeats go out every heartbeat_ms from HELLO on, and
- * an hb from the instance is answered with ours at once when ours is at
- * least half an interval old: both sides then beat in the instance's
- * rhythm, which sends its hbs in bursts, so it reads ours in bursts too. A
+ * interval) back; heartbeats go out every heartbeat_ms from HELLO on. A
  * session we leave is closed politely in the background (detached, with a
  * 1 s linger) while the CN already moves on.
  *
@@ -469,9 +466,7 @@ s_send_hb (acn_t *cn)
     cn_msgw_t w;
     cn_msgw_init (&w, "hb", 2);
     cn_msgw_uint (&w, "seq", ++cn->hb_seq);
-    int64_t now = cn_now_ms ();
-    cn_msgw_int (&w, "sent_ms", now);
-    cn->hb_sent_ms = now;
+    cn_msgw_int (&w, "sent_ms", cn_now_ms ());
     s_send_msg (cn, &w);
 }
 
@@ -620,12 +615,7 @@ s_on_ws_message (cn_wsc_t *ws, int opcode, const uint8_t *data, size_t len, void
             s_protocol_close (cn, 1002, "task_ack without a task id or seq");
     }
     else if (cn_msg_is (&m, "hb")) {
-        /* proof of life (on_rx already counted it); answered with ours when
-         * ours is due within half an interval */
-        if (st == CN_SESS_UP && cn_now_ms () - cn->hb_sent_ms >= cn->a->cfg.heartbeat_ms / 2) {
-            s_send_hb (cn);
-            s_link (cn->loop, (uint64_t) cn->a->cfg.heartbeat_ms, &cn->hb_tmo);
-        }
+        /* proof of life only (on_rx already counted it) */
     }
     else if (cn_msg_is (&m, "goaway")) {
         size_t rl = 0;

@@ -48,7 +48,6 @@ struct acn {
     uint32_t last_addr;         /* network order; 0 = none yet */
     int64_t up_since;
     uint64_t hb_seq;
-    int64_t hb_sent_ms;         /* when our last hb went out (cn_now_ms) */
     int prev_instance;          /* instance id of the previous session, -1 */
     atimer_t wait_timer;
     h2o_timeout_entry_t open_tmo, hb_tmo, dead_tmo, sysinfo_tmo;
