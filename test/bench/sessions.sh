@@ -70,7 +70,7 @@ for m in $(seq 1 "$MC"); do
   [ "$RAMP" -ge 0 ] && ramp=(--ramp-ms "$RAMP")
   "$BUILD/mockcloud" --count "$cnt" --prefix "$prefix" --threads "$THREADS" --amqp none \
       --resolver "$CNAPI_DNS_SERVER" --cnapi-port "$PORT" --heartbeat-ms 1000 "${ramp[@]}" \
-      --stats --log-level warn >"$STATE/mc-$m.stats" 2>"$STATE/mc-$m.log" &
+      --stats --log-level "${MC_LOG:-warn}" >"$STATE/mc-$m.stats" 2>"$STATE/mc-$m.log" &
   MCPIDS+=($!)
   PIDS+=($!)
 done
