@@ -2,6 +2,7 @@
  * cn_cache: the cache writer actor. See include/cn_cache.h.
  */
 #include "cn_cache.h"
+#include "cn_actor.h"
 
 #include "cn_health.h"
 #include "cn_log.h"
@@ -162,6 +163,7 @@ void
 cn_cache_actor (zsock_t *pipe, void *args)
 {
     const cn_cache_args_t *a = args;
+    cn_thread_name ("cn-cache");
     self_t *self = calloc (1, sizeof *self);
     self->cfg = a->cfg;
     self->stats = a->stats;

@@ -962,6 +962,7 @@ s_on_pipe (zloop_t *loop, zsock_t *pipe, void *arg)
 void
 cn_writer_actor (zsock_t *pipe, void *args)
 {
+    cn_thread_name ("cn-writer");
     self_t *self = calloc (1, sizeof *self);
     self->cfg = args;
     self->pipe = pipe;

@@ -30,6 +30,10 @@
  * tickets, execute), seconds */
 #define CN_WAIT_MAX_S 3600
 
+/* Name the calling thread (at most 15 characters are kept) so that top -H,
+ * perf and /proc/PID/task/TID/comm tell the actors apart. */
+void cn_thread_name (const char *name);
+
 /* Bind a REP socket at CN_CTL_FMT for name; NULL on failure. */
 zsock_t *cn_ctl_bind (const char *name);
 

@@ -1,6 +1,21 @@
 /* cn_actor: see include/cn_actor.h. */
 #include "cn_actor.h"
 
+#include <pthread.h>
+#include <string.h>
+
+void
+cn_thread_name (const char *name)
+{
+    char buf[16];
+    size_t n = strlen (name);
+    if (n > 15)
+        n = 15;
+    memcpy (buf, name, n);
+    buf[n] = 0;
+    pthread_setname_np (pthread_self (), buf);
+}
+
 zsock_t *
 cn_ctl_bind (const char *name)
 {

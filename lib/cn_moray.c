@@ -1747,6 +1747,31 @@ done:
     return rc;
 }
 
+/* Values are JSON text of a few KB, which PostgreSQL compresses (TOAST):
+ * with lz4 (PostgreSQL 14+, when built with it) rather than the default pglz
+ * the server spends far less CPU per write. 1 when table lname exists and its
+ * _value column should be switched to lz4, 0 when not, or an error code. Only
+ * values written after the switch are compressed with lz4; older ones stay
+ * readable as they are. */
+static int
+s_wants_lz4 (cn_moray_t *m, const char *lname)
+{
+    if (PQserverVersion (m->conn) < 140000)
+        return 0;
+    const char *p[] = { lname };
+    PGresult *r;
+    int rc = s_exec (m, "SELECT 1 FROM pg_attribute a WHERE a.attrelid = "
+                     "to_regclass (quote_ident ($1)) AND a.attname = '_value' "
+                     "AND a.attcompression <> 'l' AND EXISTS (SELECT 1 FROM pg_settings "
+                     "WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals))",
+                     1, NULL, p, NULL, NULL, &r);
+    if (rc)
+        return rc;
+    rc = PQntuples (r) == 1 ? 1 : 0;
+    PQclear (r);
+    return rc;
+}
+
 /* The DDL of put_bucket, inside a unit of work. */
 static int
 s_put_bucket_ddl (cn_moray_t *m, const char *bucket, const cn_mindex_t *index,
@@ -1810,8 +1835,22 @@ s_put_bucket_ddl (cn_moray_t *m, const char *bucket, const cn_mindex_t *index,
         return rc;
     }
 
-    /* what the table has: column -> type, unique */
     const char *pt[] = { lname };
+    if ((rc = s_wants_lz4 (m, lname)) < 0) {
+        s_index_free (old, nold);
+        return rc;
+    }
+    if (rc == 1) {
+        char sql[160];
+        snprintf (sql, sizeof sql, "ALTER TABLE %s ALTER COLUMN _value SET COMPRESSION lz4",
+                  ident);
+        if ((rc = s_cmd (m, sql))) {
+            s_index_free (old, nold);
+            return rc;
+        }
+    }
+
+    /* what the table has: column -> type, unique */
     rc = s_exec (m, "SELECT a.attname, format_type (a.atttypid, a.atttypmod), "
                  "EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = a.attrelid "
                  "AND i.indisunique AND i.indnatts = 1 AND i.indkey[0] = a.attnum) "
@@ -1976,6 +2015,14 @@ cn_moray_put_bucket (cn_moray_t *m, const char *bucket,
         same = rc == CN_MORAY_OK && PQntuples (r) == 1 && PQgetvalue (r, 0, 1)[0] == 't'
                && s_index_same (PQgetvalue (r, 0, 0), index, nindex);
         PQclear (r);
+        if (same) {
+            char lname[64];
+            s_lower (lname, bucket, sizeof lname);
+            int w = s_wants_lz4 (m, lname);
+            if (w < 0)
+                rc = w;
+            same = w == 0;
+        }
     }
     if (rc == CN_MORAY_OK && !same) {
         bool own;
