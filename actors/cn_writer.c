@@ -57,9 +57,8 @@ typedef struct {
     bool from_http;
     int64_t sent_ms;
     int64_t received_ms;
-    json_t *body;             /* sysinfo object, update params, vms map, or VM */
-    char *raw;                /* sysinfo: the JSON text as received */
-    size_t raw_len;
+    json_t *body;             /* update params, vms map, or VM */
+    cn_sysinfo_t *si;         /* sysinfo: the text as received, checked */
     uint64_t epoch;           /* vms: the session's ownership epoch */
     uint64_t seq;             /* vm_event */
     char vm_uuid[37];         /* vm_event */
@@ -114,7 +113,7 @@ s_req_destroy (s_req_t **p)
         return;
     zframe_destroy (&(*p)->identity);
     json_decref ((*p)->body);
-    free ((*p)->raw);
+    cn_sysinfo_unref (&(*p)->si);
     free (*p);
     *p = NULL;
 }
@@ -217,12 +216,8 @@ s_decode (self_t *self, zframe_t *identity, zframe_t *frame)
         char perr[256];
         if (!body)
             why = "request has no sysinfo";
-        else if (cn_sysinfo_parse (body, len, req->uuid, &req->body, perr, sizeof perr) != 0) {
+        else if (cn_sysinfo_load (body, len, req->uuid, &req->si, perr, sizeof perr) != 0) {
             s_fail (&res, 400, "InvalidArgument", "rejected", "%s", perr);
-        }
-        else if ((req->raw = malloc (len)) != NULL) {
-            memcpy (req->raw, body, len);
-            req->raw_len = len;
         }
     }
     else if (!why && req->kind == REQ_UPDATE) {
@@ -283,10 +278,12 @@ s_decode (self_t *self, zframe_t *identity, zframe_t *frame)
 
 /* A record this writer committed, kept parsed: when the locked row still
  * has this etag (nobody else wrote it since), the next batch reuses it instead
- * of parsing ~4 KB of JSON again. */
+ * of parsing ~4 KB of JSON again. Records are held apart from their sysinfo
+ * (rec has no "sysinfo" member; si is its text), see s_record_text. */
 typedef struct {
     char etag[9];
     json_t *rec;
+    cn_sysinfo_t *si;
 } s_cached_t;
 
 static void
@@ -295,52 +292,51 @@ s_cached_destroy (void **item)
     s_cached_t *c = *item;
     if (c) {
         json_decref (c->rec);
+        cn_sysinfo_unref (&c->si);
         free (c);
     }
     *item = NULL;
 }
 
 static void
-s_cache_record (self_t *self, const char *uuid, const char *etag, json_t *rec)
+s_cache_record (self_t *self, const char *uuid, const char *etag, json_t *rec,
+                cn_sysinfo_t *si)
 {
     if (zhashx_size (self->records) >= RECORD_CACHE_MAX)
         zhashx_purge (self->records);    /* crude but bounded; refills on use */
     s_cached_t *c = malloc (sizeof *c);
     memcpy (c->etag, etag, 9);
     c->rec = json_incref (rec);
+    c->si = cn_sysinfo_ref (si);
     zhashx_update (self->records, uuid, c);
 }
 
 /* Per-server state inside one batch. */
 typedef struct {
     char *uuid;
-    json_t *rec;              /* current record (NULL = absent) */
+    json_t *rec;              /* current record (NULL = absent), without "sysinfo" */
+    cn_sysinfo_t *si;         /* its sysinfo (NULL = none) */
     char etag[9];             /* stored etag, "" when absent */
     bool existed;
     bool dirty;
     bool deleted;
     int64_t version;
-    const s_req_t *si_req;    /* the sysinfo request whose tree rec holds */
     int64_t session_epoch;    /* vms: the cnapi_status row's epoch; -1 unknown */
 } s_row_t;
 
-/* The stored text of a record. When the record's sysinfo is the tree parsed
- * from a request, the request's own text is spliced in instead of
- * serialising ~3 KB of tree again: sysinfo dominates a record's size. */
+/* The stored text of a record: the record, then "sysinfo": the sysinfo's
+ * text as it came (a request's bytes, or a stored record's re-serialised),
+ * instead of serialising ~3 KB of tree. */
 static char *
 s_record_text (const s_row_t *row)
 {
-    json_t *si = json_object_get (row->rec, "sysinfo");
-    if (!row->si_req || !row->si_req->raw || si != row->si_req->body)
+    if (!row->si)
         return json_dumps (row->rec, JSON_COMPACT);
-    json_t *rest = json_copy (row->rec);     /* shallow: top level only */
-    json_object_del (rest, "sysinfo");
-    char *head = json_dumps (rest, JSON_COMPACT);
-    json_decref (rest);
+    char *head = json_dumps (row->rec, JSON_COMPACT);
     if (!head)
         return NULL;
     size_t hlen = strlen (head);              /* "{...}" */
-    size_t rlen = row->si_req->raw_len;
+    size_t rlen = row->si->len;
     char *out = malloc (hlen + rlen + 16);
     if (out) {
         size_t o = hlen - 1;                  /* drop the closing brace */
@@ -349,7 +345,7 @@ s_record_text (const s_row_t *row)
             out[o++] = ',';
         memcpy (out + o, "\"sysinfo\":", 10);
         o += 10;
-        memcpy (out + o, row->si_req->raw, rlen);
+        memcpy (out + o, row->si->text, rlen);
         o += rlen;
         out[o++] = '}';
         out[o] = '\0';
@@ -381,7 +377,8 @@ s_apply_one (self_t *self, s_req_t *req, s_row_t *row, s_res_t *res)
             .freshness_s = self->cfg->sysinfo_freshness_s,
         };
         json_t *out = NULL;
-        switch (cn_server_apply_sysinfo (row->rec, req->body, &ctx, &out)) {
+        cn_srv_result_t r = cn_server_apply_sysinfo_si (row->rec, row->si, req->si, &ctx, &out);
+        switch (r) {
             case CN_SRV_WRITE:
                 res->outcome = "written";
                 break;
@@ -396,7 +393,7 @@ s_apply_one (self_t *self, s_req_t *req, s_row_t *row, s_res_t *res)
             case CN_SRV_CONFLICT:
                 res->outcome = "conflict";
                 self->conflicts++;
-                json_t *hn = json_object_get (req->body, "Hostname");
+                json_t *hn = json_object_get (req->si->summary, "Hostname");
                 CN_WARN (COMPONENT, "another machine reports this server uuid", "{s:s,s:s?}",
                          "server_uuid", req->uuid, "hostname",
                          json_is_string (hn) ? json_string_value (hn) : NULL);
@@ -407,7 +404,10 @@ s_apply_one (self_t *self, s_req_t *req, s_row_t *row, s_res_t *res)
             row->rec = out;
             row->dirty = true;
             row->deleted = false;
-            row->si_req = req;
+            if (r == CN_SRV_WRITE) {
+                cn_sysinfo_unref (&row->si);
+                row->si = cn_sysinfo_ref (req->si);
+            }
         }
         return;
     }
@@ -457,6 +457,7 @@ s_apply_one (self_t *self, s_req_t *req, s_row_t *row, s_res_t *res)
     if (req->kind == REQ_DELETE) {
         json_decref (row->rec);
         row->rec = NULL;
+        cn_sysinfo_unref (&row->si);
         row->deleted = true;
         row->dirty = true;
         res->outcome = "written";
@@ -506,10 +507,18 @@ s_run_batch (self_t *self, s_req_t **reqs, size_t n, s_res_t *res)
         }
     }
     cn_mobj_t *objs = calloc (nrows, sizeof *objs);
+    /* the etags of the records we hold parsed: PostgreSQL leaves those values
+     * out when they are still current */
+    const char **etags = calloc (nrows, sizeof *etags);
+    for (size_t i = 0; i < nrows; i++) {
+        s_cached_t *c = zhashx_lookup (self->records, rows[i].uuid);
+        etags[i] = c ? c->etag : NULL;
+    }
     s_run_t out = RUN_OK;
     int rc = cn_moray_begin (self->moray);
     if (rc == CN_MORAY_OK)
-        rc = cn_moray_get_many_locked (self->moray, CN_BUCKET_SERVERS, keys, nrows, objs);
+        rc = cn_moray_lock_many (self->moray, CN_BUCKET_SERVERS, keys, etags, nrows, objs);
+    free (etags);
     if (rc != CN_MORAY_OK) {
         out = rc == CN_MORAY_EIO ? RUN_EIO : RUN_ERROR;
         goto done;
@@ -540,13 +549,31 @@ s_run_batch (self_t *self, s_req_t **reqs, size_t n, s_res_t *res)
         if (objs[i].key) {
             json_error_t jerr;
             s_cached_t *c = zhashx_lookup (self->records, rows[i].uuid);
-            if (c && strcmp (c->etag, objs[i].etag) == 0) {
+            jerr.text[0] = 0;
+            if (!objs[i].value && c && strcmp (c->etag, objs[i].etag) == 0) {
                 rows[i].rec = json_incref (c->rec);
+                rows[i].si = cn_sysinfo_ref (c->si);
                 self->record_hits++;
             }
-            else {
+            else if (objs[i].value) {
                 rows[i].rec = json_loadb (objs[i].value, objs[i].value_len, 0, &jerr);
+                json_t *si = json_object_get (rows[i].rec, "sysinfo");
+                if (si) {
+                    rows[i].si = cn_sysinfo_from_json (si);
+                    if (!rows[i].si) {
+                        CN_FATAL (COMPONENT, "out of memory", "{s:s}", "server_uuid",
+                                  rows[i].uuid);
+                        abort ();
+                    }
+                    json_object_del (rows[i].rec, "sysinfo");
+                }
                 self->record_misses++;
+            }
+            else {
+                /* cannot happen: no value only when our etag matched */
+                CN_FATAL (COMPONENT, "store left out a value we do not hold", "{s:s}",
+                          "server_uuid", rows[i].uuid);
+                abort ();
             }
             if (!rows[i].rec)
                 CN_ERROR (COMPONENT, "stored server record is not JSON; replacing it",
@@ -603,7 +630,7 @@ s_run_batch (self_t *self, s_req_t **reqs, size_t n, s_res_t *res)
         for (size_t k = 0; k < nops; k++) {
             size_t i = opmap[k];
             if (ops[k].kind == CN_MOP_PUT)
-                s_cache_record (self, rows[i].uuid, ops[k].out_etag, rows[i].rec);
+                s_cache_record (self, rows[i].uuid, ops[k].out_etag, rows[i].rec, rows[i].si);
             else
                 zhashx_delete (self->records, rows[i].uuid);
             msgpack_pack_array (&w.pk, 3);
@@ -638,6 +665,7 @@ done:
     }
     for (size_t i = 0; i < nrows; i++) {
         json_decref (rows[i].rec);
+        cn_sysinfo_unref (&rows[i].si);
         cn_mobj_fini (&objs[i]);
     }
     free (objs);

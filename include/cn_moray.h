@@ -103,6 +103,12 @@ void cn_moray_rollback (cn_moray_t *m);
 /* Read keys[0..n-1] with FOR UPDATE inside a transaction; out[i].key NULL when absent. */
 int cn_moray_get_many_locked (cn_moray_t *m, const char *bucket, const char *const *keys,
                               size_t n, cn_mobj_t *out);
+/* The same, for a caller that keeps the values it wrote: where etags[i] (etags
+ * may be NULL, an entry NULL or "") equals the stored etag, out[i].value is
+ * NULL (value_len 0) and the rest of out[i] is filled: the caller holds that
+ * version already, and the value is neither read nor sent by PostgreSQL. */
+int cn_moray_lock_many (cn_moray_t *m, const char *bucket, const char *const *keys,
+                        const char *const *etags, size_t n, cn_mobj_t *out);
 
 /* Batch: several puts/deletes in one transaction; all or nothing. */
 typedef enum { CN_MOP_PUT, CN_MOP_DEL } cn_mop_kind_t;
