@@ -167,6 +167,8 @@ s_fail (s_res_t *res, int status, const char *code, const char *outcome, const c
     va_end (ap);
 }
 
+static const cn_sysinfo_t *s_cached_si (self_t *self, const char *uuid);
+
 /* Decode one request. Returns NULL (after replying, when possible) on bad input. */
 static s_req_t *
 s_decode (self_t *self, zframe_t *identity, zframe_t *frame)
@@ -216,7 +218,8 @@ s_decode (self_t *self, zframe_t *identity, zframe_t *frame)
         char perr[256];
         if (!body)
             why = "request has no sysinfo";
-        else if (cn_sysinfo_load (body, len, req->uuid, &req->si, perr, sizeof perr) != 0) {
+        else if (cn_sysinfo_load_like (body, len, req->uuid, s_cached_si (self, req->uuid),
+                                       &req->si, perr, sizeof perr) != 0) {
             s_fail (&res, 400, "InvalidArgument", "rejected", "%s", perr);
         }
     }
@@ -296,6 +299,15 @@ s_cached_destroy (void **item)
         free (c);
     }
     *item = NULL;
+}
+
+/* The sysinfo of the record we last wrote for uuid, if we hold it: a new
+ * sysinfo shares the parsed members that did not change with it. */
+static const cn_sysinfo_t *
+s_cached_si (self_t *self, const char *uuid)
+{
+    s_cached_t *c = zhashx_lookup (self->records, uuid);
+    return c ? c->si : NULL;
 }
 
 static void

@@ -23,6 +23,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#define CN_SYSINFO_NSUMMARY 17    /* members a record derives from */
+
 typedef struct {
     int refs;
     char *text;               /* the JSON text, NUL-terminated */
@@ -31,6 +33,9 @@ typedef struct {
     uint64_t hash;
     json_t *summary;          /* object of the derived-from members; NULL when
                                  the sysinfo is not an object */
+    /* where each derived-from member's value is in text (in the order of
+     * cn_sysinfo.c's list; len 0: absent, or not known when !hashed) */
+    struct { uint32_t off, len; } span[CN_SYSINFO_NSUMMARY];
 } cn_sysinfo_t;
 
 /* Check a sysinfo as received (same rules, verdicts and messages as
@@ -38,6 +43,12 @@ typedef struct {
  * with err filled and *out NULL. */
 int cn_sysinfo_load (const char *body, size_t len, const char *expect_uuid,
                      cn_sysinfo_t **out, char *err, size_t errlen);
+/* The same, with the server's previous sysinfo at hand (like, may be NULL):
+ * summary members whose text is byte for byte like's are shared with like's
+ * summary instead of parsed again (an agent resends mostly the same). */
+int cn_sysinfo_load_like (const char *body, size_t len, const char *expect_uuid,
+                          const cn_sysinfo_t *like, cn_sysinfo_t **out, char *err,
+                          size_t errlen);
 
 /* From a parsed value (e.g. a stored record's "sysinfo"), which may be any
  * JSON value; no checks. NULL only when out of memory. */

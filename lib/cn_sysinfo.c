@@ -35,6 +35,7 @@ static const char *const s_wanted[] = {
     "Virtual Network Interfaces",
 };
 #define S_NWANTED (sizeof s_wanted / sizeof s_wanted[0])
+_Static_assert (S_NWANTED == CN_SYSINFO_NSUMMARY, "CN_SYSINFO_NSUMMARY");
 
 typedef struct {
     const unsigned char *k;
@@ -296,6 +297,13 @@ int
 cn_sysinfo_load (const char *body, size_t len, const char *expect_uuid,
                  cn_sysinfo_t **out, char *err, size_t errlen)
 {
+    return cn_sysinfo_load_like (body, len, expect_uuid, NULL, out, err, errlen);
+}
+
+int
+cn_sysinfo_load_like (const char *body, size_t len, const char *expect_uuid,
+                      const cn_sysinfo_t *like, cn_sysinfo_t **out, char *err, size_t errlen)
+{
     *out = NULL;
     s_scan_t sc;
     memset (&sc, 0, sizeof sc);
@@ -311,6 +319,15 @@ cn_sysinfo_load (const char *body, size_t len, const char *expect_uuid,
         for (size_t w = 0; sum && w < S_NWANTED; w++) {
             if (!sc.span[w][0])
                 continue;
+            size_t n = (size_t) (sc.span[w][1] - sc.span[w][0]);
+            if (like && like->hashed && like->span[w].len == n
+                && memcmp (like->text + like->span[w].off, sc.span[w][0], n) == 0) {
+                json_t *v = json_object_get (like->summary, s_wanted[w]);
+                if (v) {
+                    json_object_set (sum, s_wanted[w], v);
+                    continue;
+                }
+            }
             json_error_t jerr;
             json_t *v = json_loadb ((const char *) sc.span[w][0],
                                     (size_t) (sc.span[w][1] - sc.span[w][0]),
@@ -347,6 +364,11 @@ cn_sysinfo_load (const char *body, size_t len, const char *expect_uuid,
     si->summary = sum;
     si->hashed = fast;
     si->hash = h;
+    for (size_t w = 0; fast && w < S_NWANTED; w++)
+        if (sc.span[w][0]) {
+            si->span[w].off = (uint32_t) (sc.span[w][0] - (const unsigned char *) body);
+            si->span[w].len = (uint32_t) (sc.span[w][1] - sc.span[w][0]);
+        }
     *out = si;
     return 0;
 }
@@ -361,7 +383,15 @@ cn_sysinfo_from_json (const json_t *value)
     free (text);
     if (!si)
         return NULL;
-    si->hashed = cn_sysinfo_hash_text (si->text, si->len, &si->hash);
+    s_scan_t sc;
+    memset (&sc, 0, sizeof sc);
+    sc.want_spans = true;
+    si->hashed = s_scan (&sc, si->text, si->len, &si->hash);
+    for (size_t w = 0; si->hashed && w < S_NWANTED; w++)
+        if (sc.span[w][0]) {
+            si->span[w].off = (uint32_t) (sc.span[w][0] - (const unsigned char *) si->text);
+            si->span[w].len = (uint32_t) (sc.span[w][1] - sc.span[w][0]);
+        }
     si->summary = s_summary_of (value);
     return si;
 }

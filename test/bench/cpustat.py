@@ -3,11 +3,12 @@
 
   cpustat.py snap OUT PID...        write {pid: {tid: [comm, ticks]}} of each
                                     PID (its threads) and, for a PostgreSQL
-                                    postmaster, of all its children, to OUT
+                                    postmaster, of all its children, to OUT;
+                                    a PID that is not running is left out
   cpustat.py diff A B MESSAGES      CPU between snapshots A and B per message:
                                     one line per process group, one per thread
-                                    name; threads or children that appeared
-                                    after A count in full
+                                    name (the 6 busiest); threads or children
+                                    that appeared after A count in full
 
 Ticks are utime + stime from /proc (USER_HZ). The figures are CPU time, so
 they hold on a noisy machine where wall-clock rates do not.
@@ -65,7 +66,11 @@ def snap(pids):
                         procs[t] = [comm, ticks]
             except OSError:
                 pass
-        res[str(pid)] = {"pg": is_pg, "threads": procs}
+        try:
+            name = _stat("/proc/%d/stat" % pid)[0]
+        except OSError:
+            name = "?"
+        res[str(pid)] = {"pg": is_pg, "name": name, "threads": procs}
     return res
 
 
@@ -78,10 +83,10 @@ def diff(a, b, messages):
             d = ticks - pa.get(tid, [name, 0])[1]
             by[name] = by.get(name, 0) + d
             total += d
-        label = "postgres" if pb["pg"] else "pid %s" % pid
+        label = "postgres" if pb["pg"] else "%s (pid %s)" % (pb.get("name", "?"), pid)
         us = lambda t: t * 1e6 / HZ / messages
         print("%s: %.1f us/msg (%.2f s)" % (label, us(total), total / HZ))
-        for name, d in sorted(by.items(), key=lambda x: -x[1]):
+        for name, d in sorted(by.items(), key=lambda x: -x[1])[:6]:
             if d > 0:
                 print("   %-16s %7.1f us/msg" % (name, us(d)))
 

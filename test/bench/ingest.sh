@@ -14,7 +14,7 @@
 #    3 KB persistent messages (sysinfo-burst --bench-raw) and the batched
 #    PostgreSQL write rate of the store (bench-moray).
 # With the throughput figure it prints the CPU time spent during the drain per
-# message: each cnapid thread's and the stack's PostgreSQL processes'
+# message: each cnapid thread's and that of the stack's PostgreSQL, RabbitMQ and Redis
 # (test/bench/cpustat.py; CPU time holds on a noisy machine, rates do not).
 # Prints one summary block; docs/benchmarks.md records the figures.
 set -euo pipefail
@@ -73,7 +73,8 @@ acked_total() {
 }
 
 PG_POSTMASTER=$(head -n1 "$( . "$STATE/stack/state.env"; echo "${PG_BASE:-$STATE/stack/postgres}")/data/postmaster.pid")
-$PY "$ROOT/test/bench/cpustat.py" snap "$STATE/cpu0.json" "$PG_POSTMASTER"
+OTHERS=$(cat "$STATE/stack/rabbitmq/rabbitmq.pid" "$STATE/stack/redis/redis.pid" 2>/dev/null | tr '\n' ' ')
+$PY "$ROOT/test/bench/cpustat.py" snap "$STATE/cpu0.json" "$PG_POSTMASTER" $OTHERS
 T0=$(date +%s%N)
 for i in $(seq 1 "$INSTANCES"); do
   cat > "$STATE/bench-$i.json" <<JSON
@@ -92,7 +93,7 @@ for n in $(seq 1 6000); do      # bounded: 10 minutes at 0.1 s
   sleep 0.1
 done
 T1=$(date +%s%N)
-$PY "$ROOT/test/bench/cpustat.py" snap "$STATE/cpu1.json" "$PG_POSTMASTER" "${PIDS[@]}"
+$PY "$ROOT/test/bench/cpustat.py" snap "$STATE/cpu1.json" "$PG_POSTMASTER" $OTHERS "${PIDS[@]}"
 SECS=$($PY -c "print('%.3f' % (($T1 - $T0) / 1e9))")
 RATE_IN=$($PY -c "print(int($MESSAGES / $SECS))")
 echo "== drained $a of $MESSAGES in ${SECS}s with $INSTANCES instance(s): $RATE_IN msg/s (start to last ack)"

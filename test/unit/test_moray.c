@@ -996,6 +996,28 @@ test_get_many_locked (void)
     CHECK_INT (cn_moray_get_many_locked (m, BA, keys, 0, NULL), CN_MORAY_OK);
     const char *badk[] = { "ok", "" };
     CHECK_INT (cn_moray_get_many_locked (m, BA, badk, 2, out), CN_MORAY_EINVAL);
+
+    /* lock_many: the values whose etag the caller names are left out */
+    cn_mobj_t cur;
+    CHECK_INT (cn_moray_get (m, BA, "ma", &cur), CN_MORAY_OK);
+    CHECK_INT (cn_moray_begin (m), CN_MORAY_OK);
+    const char *etags[] = { "00000000", NULL, cur.etag, "", NULL };
+    CHECK_INT (cn_moray_lock_many (m, BA, keys, etags, 5, out), CN_MORAY_OK);
+    CHECK_STR (out[0].value, "{\"v\":\"b\"}");        /* another etag */
+    CHECK (out[1].key == NULL);
+    CHECK_STR (out[2].key, "ma");                        /* the caller's etag */
+    CHECK (out[2].value == NULL && out[2].value_len == 0);
+    CHECK_STR (out[2].etag, cur.etag);
+    CHECK (out[2].id == cur.id);
+    CHECK_STR (out[3].value, "{\"v\":\"b\"}");        /* "": none */
+    CHECK (out[4].key == NULL);
+    for (int i = 0; i < 5; i++)
+        cn_mobj_fini (&out[i]);
+    r = PQexec (s_admin, "SELECT 1 FROM " BA " WHERE _key = 'ma' FOR UPDATE NOWAIT");
+    CHECK (PQresultStatus (r) == PGRES_FATAL_ERROR);
+    PQclear (r);
+    cn_moray_rollback (m);
+    cn_mobj_fini (&cur);
     cn_moray_destroy (&m);
 }
 

@@ -418,6 +418,40 @@ test_sysinfo_load_verdicts (void)
     free (esc);
 }
 
+/* Loading like the previous sysinfo shares the members that did not change. */
+static void
+test_sysinfo_load_like (void)
+{
+    char err[256];
+    cn_sysinfo_t *a = NULL, *b = NULL, *plain = NULL, *c = NULL;
+    char *fx = s_fixture_with ("Hostname", "\"cn-2\"");
+    CHECK_INT (cn_sysinfo_load (FIXTURE, strlen (FIXTURE), UUID_LC, &a, err, sizeof err), 0);
+    CHECK_INT (cn_sysinfo_load_like (fx, strlen (fx), UUID_LC, a, &b, err, sizeof err), 0);
+    CHECK_INT (cn_sysinfo_load (fx, strlen (fx), UUID_LC, &plain, err, sizeof err), 0);
+    CHECK (json_equal (b->summary, plain->summary));
+    CHECK (!json_equal (a->summary, b->summary));
+    CHECK_STR (json_string_value (json_object_get (b->summary, "Hostname")), "cn-2");
+    /* a string member written the same is shared, a changed one is not */
+    CHECK (json_object_get (b->summary, "UUID") == json_object_get (a->summary, "UUID"));
+    CHECK (json_object_get (b->summary, "Hostname") != json_object_get (a->summary, "Hostname"));
+    /* the same layout: the unchanged members are a's own */
+    CHECK_INT (cn_sysinfo_load_like (fx, strlen (fx), UUID_LC, plain, &c, err, sizeof err), 0);
+    CHECK (json_object_get (c->summary, "Network Interfaces")
+           == json_object_get (plain->summary, "Network Interfaces"));
+    CHECK (json_equal (c->summary, plain->summary));
+    /* a rejected text is rejected as without like */
+    cn_sysinfo_t *bad = NULL;
+    CHECK_INT (cn_sysinfo_load_like (FIXTURE, strlen (FIXTURE), "00000000-0000-0000-0000-000000000001",
+                                     a, &bad, err, sizeof err), -1);
+    CHECK (bad == NULL);
+    cn_sysinfo_unref (&a);
+    cn_sysinfo_unref (&b);
+    cn_sysinfo_unref (&c);
+    CHECK_STR (json_string_value (json_object_get (plain->summary, "Hostname")), "cn-2");
+    cn_sysinfo_unref (&plain);
+    free (fx);
+}
+
 /* Equal JSON, equal hash: member order, whitespace, escapes do not count. */
 static void
 test_sysinfo_equal (void)
@@ -1277,6 +1311,7 @@ main (void)
     RUN (test_parse_ok);
     RUN (test_parse_errors);
     RUN (test_sysinfo_load_verdicts);
+    RUN (test_sysinfo_load_like);
     RUN (test_sysinfo_equal);
     RUN (test_apply_sysinfo_si);
     RUN (test_new_server);
