@@ -25,6 +25,18 @@
  * Cache. After the commit, the changed records (with their version, _id) go
  * to the cache writer child actor (actors/cn_cache.c), which writes them
  * through to Redis on its own thread: Redis is never on the commit path.
+ *
+ * CPU per sysinfo. A sysinfo is ~3 KB of which a record derives ~17 members;
+ * it is checked in one pass and kept as its text plus a small tree of those
+ * members (cn_sysinfo_t), never as a full jansson tree. Records are held
+ * without their sysinfo (s_row_t.rec, .si); the stored text is the record
+ * with the sysinfo's text spliced in (s_record_text). The records this writer
+ * committed stay parsed (records, keyed by uuid, with their etag): the locking
+ * read asks PostgreSQL to leave out values whose etag we hold. A new sysinfo
+ * shares the parsed members whose text did not change with the previous one.
+ * While PostgreSQL runs a statement, the writer reads and decodes the
+ * requests of the next batch (cn_moray_set_idle, at most one batch ahead):
+ * they join the next batch in arrival order.
  */
 #include "cn_writer.h"
 
@@ -90,6 +102,8 @@ typedef struct {
     bool bucket_ready;
 
     zlistx_t *retry;          /* s_req_t* from AMQP waiting for PostgreSQL */
+    zlistx_t *ahead;          /* s_req_t* decoded while PostgreSQL worked */
+    int ahead_timer;
     int retry_attempt;
     int retry_timer;
     zhashx_t *records;        /* uuid -> s_cached_t: parsed records we wrote */
@@ -805,6 +819,55 @@ s_retry_timer (zloop_t *loop, int timer_id, void *arg)
     return 0;
 }
 
+/* Read and decode one waiting request: false when none is waiting. *out is
+ * NULL when it was refused (and answered). */
+static bool
+s_read_one (self_t *self, s_req_t **out)
+{
+    *out = NULL;
+    zmsg_t *msg = zmsg_recv_nowait (self->router);
+    if (!msg)
+        return false;
+    zframe_t *id = zmsg_pop (msg);
+    zframe_t *body = zmsg_pop (msg);
+    zmsg_destroy (&msg);
+    if (!id || !body) {
+        zframe_destroy (&id);
+        zframe_destroy (&body);
+        return true;
+    }
+    self->received++;
+    *out = s_decode (self, id, body);
+    zframe_destroy (&body);
+    return true;
+}
+
+/* While PostgreSQL runs a batch, decode the requests of the next one (the
+ * sysinfo check is most of a request's CPU): at most one batch ahead. */
+static bool
+s_read_ahead (void *arg)
+{
+    self_t *self = arg;
+    if (zlistx_size (self->ahead) >= (size_t) self->cfg->writer_max_batch)
+        return false;
+    s_req_t *req;
+    if (!s_read_one (self, &req))
+        return false;
+    if (req)
+        zlistx_add_end (self->ahead, req);
+    return true;
+}
+
+static int s_on_router (zloop_t *loop, zsock_t *router, void *arg);
+
+static int
+s_ahead_timer (zloop_t *loop, int timer_id, void *arg)
+{
+    self_t *self = arg;
+    self->ahead_timer = 0;
+    return s_on_router (loop, self->router, self);
+}
+
 static int
 s_on_router (zloop_t *loop, zsock_t *router, void *arg)
 {
@@ -812,21 +875,13 @@ s_on_router (zloop_t *loop, zsock_t *router, void *arg)
     size_t max = (size_t) self->cfg->writer_max_batch;
     s_req_t **reqs = calloc (max, sizeof *reqs);
     size_t n = 0;
+    /* those read ahead are older than any still waiting */
+    while (n < max && zlistx_size (self->ahead) > 0)
+        reqs[n++] = zlistx_detach (self->ahead, NULL);
     while (n < max) {
-        zmsg_t *msg = zmsg_recv_nowait (router);
-        if (!msg)
+        s_req_t *req;
+        if (!s_read_one (self, &req))
             break;
-        zframe_t *id = zmsg_pop (msg);
-        zframe_t *body = zmsg_pop (msg);
-        zmsg_destroy (&msg);
-        if (!id || !body) {
-            zframe_destroy (&id);
-            zframe_destroy (&body);
-            continue;
-        }
-        self->received++;
-        s_req_t *req = s_decode (self, id, body);
-        zframe_destroy (&body);
         if (req)
             reqs[n++] = req;
     }
@@ -845,6 +900,10 @@ s_on_router (zloop_t *loop, zsock_t *router, void *arg)
     }
     s_process (self, reqs, n);
     free (reqs);
+    /* requests read ahead during this batch: the router may have nothing
+     * left to wake the loop, so come back for them */
+    if (zlistx_size (self->ahead) > 0 && !self->ahead_timer)
+        self->ahead_timer = zloop_timer (loop, 1, 1, s_ahead_timer, self);
     return 0;
 }
 
@@ -936,6 +995,8 @@ static int
 s_start (self_t *self)
 {
     self->moray = cn_moray_new (self->cfg->pg_conninfo, self->cfg->pg_timeout_ms);
+    if (self->moray)
+        cn_moray_set_idle (self->moray, s_read_ahead, self);
     cn_cache_args_t cargs = { self->cfg, &self->cache_stats };
     self->cache = zactor_new (cn_cache_actor, &cargs);
     self->cache_push = zsock_new (ZMQ_PUSH);
@@ -1008,6 +1069,7 @@ cn_writer_actor (zsock_t *pipe, void *args)
     self->pipe = pipe;
     self->loop = zloop_new ();
     self->retry = zlistx_new ();
+    self->ahead = zlistx_new ();
     self->records = zhashx_new ();
     zhashx_set_destructor (self->records, s_cached_destroy);
     zloop_set_nonstop (self->loop, true);
@@ -1023,6 +1085,9 @@ cn_writer_actor (zsock_t *pipe, void *args)
     for (s_req_t *r = zlistx_first (self->retry); r; r = zlistx_next (self->retry))
         s_req_destroy (&r);
     zlistx_destroy (&self->retry);
+    for (s_req_t *r = zlistx_first (self->ahead); r; r = zlistx_next (self->ahead))
+        s_req_destroy (&r);
+    zlistx_destroy (&self->ahead);
     zhashx_destroy (&self->records);
     zloop_destroy (&self->loop);
     zsock_destroy (&self->router);

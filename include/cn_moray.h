@@ -96,6 +96,13 @@ typedef int (*cn_mfind_cb) (const cn_mobj_t *obj, void *arg);
 int cn_moray_find (cn_moray_t *m, const char *bucket, const char *filter,
                    const cn_mfind_opts_t *opts, cn_mfind_cb cb, void *arg);
 
+/* Work for the caller's thread while a statement runs on the server: fn is
+ * called (again and again, while no answer has arrived) until it returns
+ * false (it has nothing to do). It must not use m, and each call should be
+ * short: the answer waits for it. NULL fn: none (the default). */
+typedef bool (cn_moray_idle_fn) (void *arg);
+void cn_moray_set_idle (cn_moray_t *m, cn_moray_idle_fn *fn, void *arg);
+
 /* Transactions, for read-modify-write batches (the state writer's group commit). */
 int cn_moray_begin (cn_moray_t *m);
 int cn_moray_commit (cn_moray_t *m);

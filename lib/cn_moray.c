@@ -98,6 +98,8 @@ struct cn_moray {
     size_t nbuckets, cbuckets;
     char sqlstate[6];
     char errmsg[512];
+    cn_moray_idle_fn *idle;     /* work to do while PostgreSQL works */
+    void *idle_arg;
 };
 
 /* A put, ready to bind: index columns extracted, etag computed. */
@@ -550,6 +552,14 @@ s_next (cn_moray_t *m, int64_t deadline, PGresult **out)
 {
     *out = NULL;
     while (PQisBusy (m->conn)) {
+        /* the caller's own work first, while nothing has arrived (bounded:
+         * the idle function says when it has none left) */
+        if (m->idle) {
+            struct pollfd p = { .fd = PQsocket (m->conn), .events = POLLIN };
+            while (p.fd >= 0 && poll (&p, 1, 0) == 0 && cn_mono_us () < deadline
+                   && m->idle (m->idle_arg))
+                ;
+        }
         int w = s_wait (m->conn, POLLIN, deadline);
         if (w != 0) {
             s_err (m, "%s", w > 0 ? "timed out waiting for postgres" : "poll failed");
@@ -1368,6 +1378,13 @@ cn_moray_destroy (cn_moray_t **p)
     free (m->conninfo);
     free (m);
     *p = NULL;
+}
+
+void
+cn_moray_set_idle (cn_moray_t *m, cn_moray_idle_fn *fn, void *arg)
+{
+    m->idle = fn;
+    m->idle_arg = arg;
 }
 
 int

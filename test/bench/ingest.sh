@@ -73,7 +73,7 @@ acked_total() {
 }
 
 PG_POSTMASTER=$(head -n1 "$( . "$STATE/stack/state.env"; echo "${PG_BASE:-$STATE/stack/postgres}")/data/postmaster.pid")
-OTHERS=$(cat "$STATE/stack/rabbitmq/rabbitmq.pid" "$STATE/stack/redis/redis.pid" 2>/dev/null | tr '\n' ' ')
+OTHERS=$(for f in rabbitmq/rabbitmq.pid redis/redis.pid; do head -n1 "$STATE/stack/$f" 2>/dev/null; echo; done)
 $PY "$ROOT/test/bench/cpustat.py" snap "$STATE/cpu0.json" "$PG_POSTMASTER" $OTHERS
 T0=$(date +%s%N)
 for i in $(seq 1 "$INSTANCES"); do
