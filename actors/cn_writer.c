@@ -701,6 +701,7 @@ done:
 }
 
 static int s_retry_timer (zloop_t *loop, int timer_id, void *arg);
+static int s_ahead_timer (zloop_t *loop, int timer_id, void *arg);
 
 static void
 s_schedule_retry (self_t *self)
@@ -714,8 +715,20 @@ s_schedule_retry (self_t *self)
 
 /* Process reqs (taking ownership). AMQP requests that cannot be written now
  * go to the retry list; HTTP ones are answered with the failure. */
+static void s_process_batch (self_t *self, s_req_t **reqs, size_t n);
+
 static void
 s_process (self_t *self, s_req_t **reqs, size_t n)
+{
+    s_process_batch (self, reqs, n);
+    /* requests read ahead while this batch ran (s_read_ahead): the router
+     * may have nothing left to wake the loop, so come back for them */
+    if (zlistx_size (self->ahead) > 0 && !self->ahead_timer)
+        self->ahead_timer = zloop_timer (self->loop, 1, 1, s_ahead_timer, self);
+}
+
+static void
+s_process_batch (self_t *self, s_req_t **reqs, size_t n)
 {
     if (n == 0)
         return;
@@ -900,10 +913,6 @@ s_on_router (zloop_t *loop, zsock_t *router, void *arg)
     }
     s_process (self, reqs, n);
     free (reqs);
-    /* requests read ahead during this batch: the router may have nothing
-     * left to wake the loop, so come back for them */
-    if (zlistx_size (self->ahead) > 0 && !self->ahead_timer)
-        self->ahead_timer = zloop_timer (loop, 1, 1, s_ahead_timer, self);
     return 0;
 }
 

@@ -485,10 +485,15 @@ s_disjoint (const json_t *a, const json_t *b)
 static bool
 s_other_machine (const json_t *old_si, const json_t *new_si)
 {
-    json_t *a = s_macs (old_si), *b = s_macs (new_si);
+    json_t *a = s_macs (old_si);
+    /* the same NICs (a sysinfo shares unchanged members with the previous
+     * one, cn_sysinfo_load_like): the same MAC set */
+    json_t *nics = json_object_get (old_si, "Network Interfaces");
+    json_t *b = nics && nics == json_object_get (new_si, "Network Interfaces")
+        ? json_incref (a) : s_macs (new_si);
     bool other;
     if (json_array_size (a) > 0 && json_array_size (b) > 0)
-        other = s_disjoint (a, b);
+        other = a != b && s_disjoint (a, b);
     else {
         const char *ha = s_str (old_si, "Hostname"), *hb = s_str (new_si, "Hostname");
         other = ha && hb && strcmp (ha, hb) != 0;

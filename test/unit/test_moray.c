@@ -1021,6 +1021,43 @@ test_get_many_locked (void)
     cn_moray_destroy (&m);
 }
 
+/* The idle function runs while the server works: here the statement waits
+ * for a row lock that only the idle function's third call releases. */
+static int s_idle_calls;
+
+static bool
+s_idle_fn (void *arg)
+{
+    (void) arg;
+    if (++s_idle_calls == 3)
+        PQclear (PQexec (s_admin, "COMMIT"));
+    return s_idle_calls < 3;
+}
+
+static void
+test_idle (void)
+{
+    cn_moray_t *m = s_open ();
+    CHECK_INT (cn_moray_put (m, BA, "idle", "{\"v\":1}", NULL, NULL, NULL), CN_MORAY_OK);
+    PQclear (PQexec (s_admin, "BEGIN"));
+    CHECK_STR (s_sql ("SELECT _key FROM " BA " WHERE _key = 'idle' FOR UPDATE", 0, NULL),
+               "idle");
+    CHECK_INT (cn_moray_begin (m), CN_MORAY_OK);
+    s_idle_calls = 0;
+    cn_moray_set_idle (m, s_idle_fn, NULL);
+    const char *keys[] = { "idle" };
+    cn_mobj_t o;
+    CHECK_INT (cn_moray_get_many_locked (m, BA, keys, 1, &o), CN_MORAY_OK);
+    CHECK (s_idle_calls >= 3);
+    CHECK_STR (o.value, "{\"v\":1}");
+    cn_mobj_fini (&o);
+    cn_moray_set_idle (m, NULL, NULL);
+    int before = s_idle_calls;
+    cn_moray_rollback (m);
+    CHECK_INT (s_idle_calls, before);
+    cn_moray_destroy (&m);
+}
+
 /* Terminate the store's backend: every other client backend of this (test)
  * database but the admin connection. Waits until they are gone. */
 static int
@@ -1175,6 +1212,7 @@ main (void)
     RUN (test_batch);
     RUN (test_batch_large);
     RUN (test_get_many_locked);
+    RUN (test_idle);
     RUN (test_eio);
     RUN (test_timeout);
     RUN (test_keyword_names);

@@ -501,8 +501,12 @@ test_sysinfo_equal (void)
     cn_sysinfo_t *b = cn_sysinfo_from_json (t);
     CHECK (a->hashed && b->hashed && a->hash == b->hash);
     CHECK (cn_sysinfo_equal (a, b));
-    CHECK (cn_sysinfo_ref (a) == a);
+    cn_sysinfo_t *a2 = cn_sysinfo_ref (a);
+    CHECK (a2 == a);
     CHECK_INT (a->refs, 2);
+    cn_sysinfo_unref (&a2);
+    CHECK (a2 == NULL);
+    CHECK_INT (a->refs, 1);
     cn_sysinfo_unref (&a);
     cn_sysinfo_unref (&b);
     json_decref (t);
