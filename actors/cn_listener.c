@@ -1087,6 +1087,7 @@ static void s_run (self_t *self);
 void
 cn_listener_actor (zsock_t *pipe, void *args)
 {
+    cn_thread_name ("listener");
     self_t *self = s_new (pipe, (const cn_config_t *) args);
     zsock_signal (pipe, 0);
     s_run (self);
@@ -1095,6 +1096,7 @@ cn_listener_actor (zsock_t *pipe, void *args)
 void
 cn_vmevents_actor (zsock_t *pipe, void *args)
 {
+    cn_thread_name ("vmevents");
     self_t *self = s_new (pipe, ((const cn_vmevents_args_t *) args)->cfg);
     self->vm = true;
     self->bound = zhashx_new ();

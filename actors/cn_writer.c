@@ -25,6 +25,18 @@
  * Cache. After the commit, the changed records (with their version, _id) go
  * to the cache writer child actor (actors/cn_cache.c), which writes them
  * through to Redis on its own thread: Redis is never on the commit path.
+ *
+ * CPU per sysinfo. A sysinfo is ~3 KB of which a record derives ~17 members;
+ * it is checked in one pass and kept as its text plus a small tree of those
+ * members (cn_sysinfo_t), never as a full jansson tree. Records are held
+ * without their sysinfo (s_row_t.rec, .si); the stored text is the record
+ * with the sysinfo's text spliced in (s_record_text). The records this writer
+ * committed stay parsed (records, keyed by uuid, with their etag): the locking
+ * read asks PostgreSQL to leave out values whose etag we hold. A new sysinfo
+ * shares the parsed members whose text did not change with the previous one.
+ * While PostgreSQL runs a statement, the writer reads and decodes the
+ * requests of the next batch (cn_moray_set_idle, at most one batch ahead):
+ * they join the next batch in arrival order.
  */
 #include "cn_writer.h"
 
@@ -57,9 +69,8 @@ typedef struct {
     bool from_http;
     int64_t sent_ms;
     int64_t received_ms;
-    json_t *body;             /* sysinfo object, update params, vms map, or VM */
-    char *raw;                /* sysinfo: the JSON text as received */
-    size_t raw_len;
+    json_t *body;             /* update params, vms map, or VM */
+    cn_sysinfo_t *si;         /* sysinfo: the text as received, checked */
     uint64_t epoch;           /* vms: the session's ownership epoch */
     uint64_t seq;             /* vm_event */
     char vm_uuid[37];         /* vm_event */
@@ -91,6 +102,8 @@ typedef struct {
     bool bucket_ready;
 
     zlistx_t *retry;          /* s_req_t* from AMQP waiting for PostgreSQL */
+    zlistx_t *ahead;          /* s_req_t* decoded while PostgreSQL worked */
+    int ahead_timer;
     int retry_attempt;
     int retry_timer;
     zhashx_t *records;        /* uuid -> s_cached_t: parsed records we wrote */
@@ -114,7 +127,7 @@ s_req_destroy (s_req_t **p)
         return;
     zframe_destroy (&(*p)->identity);
     json_decref ((*p)->body);
-    free ((*p)->raw);
+    cn_sysinfo_unref (&(*p)->si);
     free (*p);
     *p = NULL;
 }
@@ -168,6 +181,8 @@ s_fail (s_res_t *res, int status, const char *code, const char *outcome, const c
     va_end (ap);
 }
 
+static const cn_sysinfo_t *s_cached_si (self_t *self, const char *uuid);
+
 /* Decode one request. Returns NULL (after replying, when possible) on bad input. */
 static s_req_t *
 s_decode (self_t *self, zframe_t *identity, zframe_t *frame)
@@ -217,12 +232,9 @@ s_decode (self_t *self, zframe_t *identity, zframe_t *frame)
         char perr[256];
         if (!body)
             why = "request has no sysinfo";
-        else if (cn_sysinfo_parse (body, len, req->uuid, &req->body, perr, sizeof perr) != 0) {
+        else if (cn_sysinfo_load_like (body, len, req->uuid, s_cached_si (self, req->uuid),
+                                       &req->si, perr, sizeof perr) != 0) {
             s_fail (&res, 400, "InvalidArgument", "rejected", "%s", perr);
-        }
-        else if ((req->raw = malloc (len)) != NULL) {
-            memcpy (req->raw, body, len);
-            req->raw_len = len;
         }
     }
     else if (!why && req->kind == REQ_UPDATE) {
@@ -283,10 +295,12 @@ s_decode (self_t *self, zframe_t *identity, zframe_t *frame)
 
 /* A record this writer committed, kept parsed: when the locked row still
  * has this etag (nobody else wrote it since), the next batch reuses it instead
- * of parsing ~4 KB of JSON again. */
+ * of parsing ~4 KB of JSON again. Records are held apart from their sysinfo
+ * (rec has no "sysinfo" member; si is its text), see s_record_text. */
 typedef struct {
     char etag[9];
     json_t *rec;
+    cn_sysinfo_t *si;
 } s_cached_t;
 
 static void
@@ -295,52 +309,60 @@ s_cached_destroy (void **item)
     s_cached_t *c = *item;
     if (c) {
         json_decref (c->rec);
+        cn_sysinfo_unref (&c->si);
         free (c);
     }
     *item = NULL;
 }
 
+/* The sysinfo of the record we last wrote for uuid, if we hold it: a new
+ * sysinfo shares the parsed members that did not change with it. */
+static const cn_sysinfo_t *
+s_cached_si (self_t *self, const char *uuid)
+{
+    s_cached_t *c = zhashx_lookup (self->records, uuid);
+    return c ? c->si : NULL;
+}
+
 static void
-s_cache_record (self_t *self, const char *uuid, const char *etag, json_t *rec)
+s_cache_record (self_t *self, const char *uuid, const char *etag, json_t *rec,
+                cn_sysinfo_t *si)
 {
     if (zhashx_size (self->records) >= RECORD_CACHE_MAX)
         zhashx_purge (self->records);    /* crude but bounded; refills on use */
     s_cached_t *c = malloc (sizeof *c);
     memcpy (c->etag, etag, 9);
     c->rec = json_incref (rec);
+    c->si = cn_sysinfo_ref (si);
     zhashx_update (self->records, uuid, c);
 }
 
 /* Per-server state inside one batch. */
 typedef struct {
     char *uuid;
-    json_t *rec;              /* current record (NULL = absent) */
+    json_t *rec;              /* current record (NULL = absent), without "sysinfo" */
+    cn_sysinfo_t *si;         /* its sysinfo (NULL = none) */
     char etag[9];             /* stored etag, "" when absent */
     bool existed;
     bool dirty;
     bool deleted;
     int64_t version;
-    const s_req_t *si_req;    /* the sysinfo request whose tree rec holds */
     int64_t session_epoch;    /* vms: the cnapi_status row's epoch; -1 unknown */
 } s_row_t;
 
-/* The stored text of a record. When the record's sysinfo is the tree parsed
- * from a request, the request's own text is spliced in instead of
- * serialising ~3 KB of tree again: sysinfo dominates a record's size. */
+/* The stored text of a record: the record, then "sysinfo": the sysinfo's
+ * text as it came (a request's bytes, or a stored record's re-serialised),
+ * instead of serialising ~3 KB of tree. */
 static char *
 s_record_text (const s_row_t *row)
 {
-    json_t *si = json_object_get (row->rec, "sysinfo");
-    if (!row->si_req || !row->si_req->raw || si != row->si_req->body)
+    if (!row->si)
         return json_dumps (row->rec, JSON_COMPACT);
-    json_t *rest = json_copy (row->rec);     /* shallow: top level only */
-    json_object_del (rest, "sysinfo");
-    char *head = json_dumps (rest, JSON_COMPACT);
-    json_decref (rest);
+    char *head = json_dumps (row->rec, JSON_COMPACT);
     if (!head)
         return NULL;
     size_t hlen = strlen (head);              /* "{...}" */
-    size_t rlen = row->si_req->raw_len;
+    size_t rlen = row->si->len;
     char *out = malloc (hlen + rlen + 16);
     if (out) {
         size_t o = hlen - 1;                  /* drop the closing brace */
@@ -349,7 +371,7 @@ s_record_text (const s_row_t *row)
             out[o++] = ',';
         memcpy (out + o, "\"sysinfo\":", 10);
         o += 10;
-        memcpy (out + o, row->si_req->raw, rlen);
+        memcpy (out + o, row->si->text, rlen);
         o += rlen;
         out[o++] = '}';
         out[o] = '\0';
@@ -381,7 +403,8 @@ s_apply_one (self_t *self, s_req_t *req, s_row_t *row, s_res_t *res)
             .freshness_s = self->cfg->sysinfo_freshness_s,
         };
         json_t *out = NULL;
-        switch (cn_server_apply_sysinfo (row->rec, req->body, &ctx, &out)) {
+        cn_srv_result_t r = cn_server_apply_sysinfo_si (row->rec, row->si, req->si, &ctx, &out);
+        switch (r) {
             case CN_SRV_WRITE:
                 res->outcome = "written";
                 break;
@@ -396,7 +419,7 @@ s_apply_one (self_t *self, s_req_t *req, s_row_t *row, s_res_t *res)
             case CN_SRV_CONFLICT:
                 res->outcome = "conflict";
                 self->conflicts++;
-                json_t *hn = json_object_get (req->body, "Hostname");
+                json_t *hn = json_object_get (req->si->summary, "Hostname");
                 CN_WARN (COMPONENT, "another machine reports this server uuid", "{s:s,s:s?}",
                          "server_uuid", req->uuid, "hostname",
                          json_is_string (hn) ? json_string_value (hn) : NULL);
@@ -407,7 +430,10 @@ s_apply_one (self_t *self, s_req_t *req, s_row_t *row, s_res_t *res)
             row->rec = out;
             row->dirty = true;
             row->deleted = false;
-            row->si_req = req;
+            if (r == CN_SRV_WRITE) {
+                cn_sysinfo_unref (&row->si);
+                row->si = cn_sysinfo_ref (req->si);
+            }
         }
         return;
     }
@@ -457,6 +483,7 @@ s_apply_one (self_t *self, s_req_t *req, s_row_t *row, s_res_t *res)
     if (req->kind == REQ_DELETE) {
         json_decref (row->rec);
         row->rec = NULL;
+        cn_sysinfo_unref (&row->si);
         row->deleted = true;
         row->dirty = true;
         res->outcome = "written";
@@ -506,10 +533,18 @@ s_run_batch (self_t *self, s_req_t **reqs, size_t n, s_res_t *res)
         }
     }
     cn_mobj_t *objs = calloc (nrows, sizeof *objs);
+    /* the etags of the records we hold parsed: PostgreSQL leaves those values
+     * out when they are still current */
+    const char **etags = calloc (nrows, sizeof *etags);
+    for (size_t i = 0; i < nrows; i++) {
+        s_cached_t *c = zhashx_lookup (self->records, rows[i].uuid);
+        etags[i] = c ? c->etag : NULL;
+    }
     s_run_t out = RUN_OK;
     int rc = cn_moray_begin (self->moray);
     if (rc == CN_MORAY_OK)
-        rc = cn_moray_get_many_locked (self->moray, CN_BUCKET_SERVERS, keys, nrows, objs);
+        rc = cn_moray_lock_many (self->moray, CN_BUCKET_SERVERS, keys, etags, nrows, objs);
+    free (etags);
     if (rc != CN_MORAY_OK) {
         out = rc == CN_MORAY_EIO ? RUN_EIO : RUN_ERROR;
         goto done;
@@ -540,13 +575,31 @@ s_run_batch (self_t *self, s_req_t **reqs, size_t n, s_res_t *res)
         if (objs[i].key) {
             json_error_t jerr;
             s_cached_t *c = zhashx_lookup (self->records, rows[i].uuid);
-            if (c && strcmp (c->etag, objs[i].etag) == 0) {
+            jerr.text[0] = 0;
+            if (!objs[i].value && c && strcmp (c->etag, objs[i].etag) == 0) {
                 rows[i].rec = json_incref (c->rec);
+                rows[i].si = cn_sysinfo_ref (c->si);
                 self->record_hits++;
             }
-            else {
+            else if (objs[i].value) {
                 rows[i].rec = json_loadb (objs[i].value, objs[i].value_len, 0, &jerr);
+                json_t *si = json_object_get (rows[i].rec, "sysinfo");
+                if (si) {
+                    rows[i].si = cn_sysinfo_from_json (si);
+                    if (!rows[i].si) {
+                        CN_FATAL (COMPONENT, "out of memory", "{s:s}", "server_uuid",
+                                  rows[i].uuid);
+                        abort ();
+                    }
+                    json_object_del (rows[i].rec, "sysinfo");
+                }
                 self->record_misses++;
+            }
+            else {
+                /* cannot happen: no value only when our etag matched */
+                CN_FATAL (COMPONENT, "store left out a value we do not hold", "{s:s}",
+                          "server_uuid", rows[i].uuid);
+                abort ();
             }
             if (!rows[i].rec)
                 CN_ERROR (COMPONENT, "stored server record is not JSON; replacing it",
@@ -603,7 +656,7 @@ s_run_batch (self_t *self, s_req_t **reqs, size_t n, s_res_t *res)
         for (size_t k = 0; k < nops; k++) {
             size_t i = opmap[k];
             if (ops[k].kind == CN_MOP_PUT)
-                s_cache_record (self, rows[i].uuid, ops[k].out_etag, rows[i].rec);
+                s_cache_record (self, rows[i].uuid, ops[k].out_etag, rows[i].rec, rows[i].si);
             else
                 zhashx_delete (self->records, rows[i].uuid);
             msgpack_pack_array (&w.pk, 3);
@@ -638,6 +691,7 @@ done:
     }
     for (size_t i = 0; i < nrows; i++) {
         json_decref (rows[i].rec);
+        cn_sysinfo_unref (&rows[i].si);
         cn_mobj_fini (&objs[i]);
     }
     free (objs);
@@ -647,6 +701,7 @@ done:
 }
 
 static int s_retry_timer (zloop_t *loop, int timer_id, void *arg);
+static int s_ahead_timer (zloop_t *loop, int timer_id, void *arg);
 
 static void
 s_schedule_retry (self_t *self)
@@ -660,8 +715,20 @@ s_schedule_retry (self_t *self)
 
 /* Process reqs (taking ownership). AMQP requests that cannot be written now
  * go to the retry list; HTTP ones are answered with the failure. */
+static void s_process_batch (self_t *self, s_req_t **reqs, size_t n);
+
 static void
 s_process (self_t *self, s_req_t **reqs, size_t n)
+{
+    s_process_batch (self, reqs, n);
+    /* requests read ahead while this batch ran (s_read_ahead): the router
+     * may have nothing left to wake the loop, so come back for them */
+    if (zlistx_size (self->ahead) > 0 && !self->ahead_timer)
+        self->ahead_timer = zloop_timer (self->loop, 1, 1, s_ahead_timer, self);
+}
+
+static void
+s_process_batch (self_t *self, s_req_t **reqs, size_t n)
 {
     if (n == 0)
         return;
@@ -765,6 +832,55 @@ s_retry_timer (zloop_t *loop, int timer_id, void *arg)
     return 0;
 }
 
+/* Read and decode one waiting request: false when none is waiting. *out is
+ * NULL when it was refused (and answered). */
+static bool
+s_read_one (self_t *self, s_req_t **out)
+{
+    *out = NULL;
+    zmsg_t *msg = zmsg_recv_nowait (self->router);
+    if (!msg)
+        return false;
+    zframe_t *id = zmsg_pop (msg);
+    zframe_t *body = zmsg_pop (msg);
+    zmsg_destroy (&msg);
+    if (!id || !body) {
+        zframe_destroy (&id);
+        zframe_destroy (&body);
+        return true;
+    }
+    self->received++;
+    *out = s_decode (self, id, body);
+    zframe_destroy (&body);
+    return true;
+}
+
+/* While PostgreSQL runs a batch, decode the requests of the next one (the
+ * sysinfo check is most of a request's CPU): at most one batch ahead. */
+static bool
+s_read_ahead (void *arg)
+{
+    self_t *self = arg;
+    if (zlistx_size (self->ahead) >= (size_t) self->cfg->writer_max_batch)
+        return false;
+    s_req_t *req;
+    if (!s_read_one (self, &req))
+        return false;
+    if (req)
+        zlistx_add_end (self->ahead, req);
+    return true;
+}
+
+static int s_on_router (zloop_t *loop, zsock_t *router, void *arg);
+
+static int
+s_ahead_timer (zloop_t *loop, int timer_id, void *arg)
+{
+    self_t *self = arg;
+    self->ahead_timer = 0;
+    return s_on_router (loop, self->router, self);
+}
+
 static int
 s_on_router (zloop_t *loop, zsock_t *router, void *arg)
 {
@@ -772,21 +888,13 @@ s_on_router (zloop_t *loop, zsock_t *router, void *arg)
     size_t max = (size_t) self->cfg->writer_max_batch;
     s_req_t **reqs = calloc (max, sizeof *reqs);
     size_t n = 0;
+    /* those read ahead are older than any still waiting */
+    while (n < max && zlistx_size (self->ahead) > 0)
+        reqs[n++] = zlistx_detach (self->ahead, NULL);
     while (n < max) {
-        zmsg_t *msg = zmsg_recv_nowait (router);
-        if (!msg)
+        s_req_t *req;
+        if (!s_read_one (self, &req))
             break;
-        zframe_t *id = zmsg_pop (msg);
-        zframe_t *body = zmsg_pop (msg);
-        zmsg_destroy (&msg);
-        if (!id || !body) {
-            zframe_destroy (&id);
-            zframe_destroy (&body);
-            continue;
-        }
-        self->received++;
-        s_req_t *req = s_decode (self, id, body);
-        zframe_destroy (&body);
         if (req)
             reqs[n++] = req;
     }
@@ -896,6 +1004,8 @@ static int
 s_start (self_t *self)
 {
     self->moray = cn_moray_new (self->cfg->pg_conninfo, self->cfg->pg_timeout_ms);
+    if (self->moray)
+        cn_moray_set_idle (self->moray, s_read_ahead, self);
     cn_cache_args_t cargs = { self->cfg, &self->cache_stats };
     self->cache = zactor_new (cn_cache_actor, &cargs);
     self->cache_push = zsock_new (ZMQ_PUSH);
@@ -962,11 +1072,13 @@ s_on_pipe (zloop_t *loop, zsock_t *pipe, void *arg)
 void
 cn_writer_actor (zsock_t *pipe, void *args)
 {
+    cn_thread_name ("writer");
     self_t *self = calloc (1, sizeof *self);
     self->cfg = args;
     self->pipe = pipe;
     self->loop = zloop_new ();
     self->retry = zlistx_new ();
+    self->ahead = zlistx_new ();
     self->records = zhashx_new ();
     zhashx_set_destructor (self->records, s_cached_destroy);
     zloop_set_nonstop (self->loop, true);
@@ -982,6 +1094,9 @@ cn_writer_actor (zsock_t *pipe, void *args)
     for (s_req_t *r = zlistx_first (self->retry); r; r = zlistx_next (self->retry))
         s_req_destroy (&r);
     zlistx_destroy (&self->retry);
+    for (s_req_t *r = zlistx_first (self->ahead); r; r = zlistx_next (self->ahead))
+        s_req_destroy (&r);
+    zlistx_destroy (&self->ahead);
     zhashx_destroy (&self->records);
     zloop_destroy (&self->loop);
     zsock_destroy (&self->router);

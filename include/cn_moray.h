@@ -96,6 +96,13 @@ typedef int (*cn_mfind_cb) (const cn_mobj_t *obj, void *arg);
 int cn_moray_find (cn_moray_t *m, const char *bucket, const char *filter,
                    const cn_mfind_opts_t *opts, cn_mfind_cb cb, void *arg);
 
+/* Work for the caller's thread while a statement runs on the server: fn is
+ * called (again and again, while no answer has arrived) until it returns
+ * false (it has nothing to do). It must not use m, and each call should be
+ * short: the answer waits for it. NULL fn: none (the default). */
+typedef bool (cn_moray_idle_fn) (void *arg);
+void cn_moray_set_idle (cn_moray_t *m, cn_moray_idle_fn *fn, void *arg);
+
 /* Transactions, for read-modify-write batches (the state writer's group commit). */
 int cn_moray_begin (cn_moray_t *m);
 int cn_moray_commit (cn_moray_t *m);
@@ -103,6 +110,12 @@ void cn_moray_rollback (cn_moray_t *m);
 /* Read keys[0..n-1] with FOR UPDATE inside a transaction; out[i].key NULL when absent. */
 int cn_moray_get_many_locked (cn_moray_t *m, const char *bucket, const char *const *keys,
                               size_t n, cn_mobj_t *out);
+/* The same, for a caller that keeps the values it wrote: where etags[i] (etags
+ * may be NULL, an entry NULL or "") equals the stored etag, out[i].value is
+ * NULL (value_len 0) and the rest of out[i] is filled: the caller holds that
+ * version already, and the value is neither read nor sent by PostgreSQL. */
+int cn_moray_lock_many (cn_moray_t *m, const char *bucket, const char *const *keys,
+                        const char *const *etags, size_t n, cn_mobj_t *out);
 
 /* Batch: several puts/deletes in one transaction; all or nothing. */
 typedef enum { CN_MOP_PUT, CN_MOP_DEL } cn_mop_kind_t;

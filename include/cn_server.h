@@ -24,6 +24,7 @@
 
 #include "cn_liveness.h"
 #include "cn_moray.h"
+#include "cn_sysinfo.h"
 
 #define CN_BUCKET_SERVERS "cnapi_servers"
 #define CN_SYSINFO_MAX_BYTES (4 * 1024 * 1024)
@@ -59,6 +60,10 @@ const char *cn_js_type (const json_t *v);
  * 0 with *out set, or -1 with err filled. */
 int cn_sysinfo_parse (const char *body, size_t len, const char *expect_uuid,
                       json_t **out, char *err, size_t errlen);
+/* The checks of cn_sysinfo_parse after the JSON parse, on a parsed value (or
+ * any object holding at least its members the checks look at: those of
+ * cn_sysinfo_t's summary). 0, or -1 with err filled. */
+int cn_sysinfo_check (const json_t *si, const char *expect_uuid, char *err, size_t errlen);
 
 typedef struct {
     const char *datacenter;   /* from config */
@@ -80,6 +85,15 @@ typedef enum {
  * Operator-set fields (reserved, traits, comments, ...) are kept. */
 cn_srv_result_t cn_server_apply_sysinfo (const json_t *existing, const json_t *sysinfo,
                                          const cn_sysinfo_ctx_t *ctx, json_t **out);
+/* The same for a record kept apart from its sysinfo (the state writer's way:
+ * the stored text is the record with "sysinfo": the sysinfo's text added):
+ * existing has no "sysinfo" member (one there is ignored), old_si is its
+ * sysinfo (NULL: none), and *out has no "sysinfo" member either: its sysinfo
+ * is si on CN_SRV_WRITE, old_si on CN_SRV_CONFLICT. Same results as
+ * cn_server_apply_sysinfo on the joined records. */
+cn_srv_result_t cn_server_apply_sysinfo_si (const json_t *existing, const cn_sysinfo_t *old_si,
+                                            const cn_sysinfo_t *si,
+                                            const cn_sysinfo_ctx_t *ctx, json_t **out);
 
 /* "running", "unknown" or "rebooting" (from transitional_status).
  * When live (the status table, may be NULL) holds a row for the record's

@@ -49,6 +49,7 @@
 #include <arpa/inet.h>
 
 #include "cn_filter.h"
+#include "cn_json.h"
 #include "cn_log.h"
 #include "cn_util.h"
 
@@ -97,6 +98,8 @@ struct cn_moray {
     size_t nbuckets, cbuckets;
     char sqlstate[6];
     char errmsg[512];
+    cn_moray_idle_fn *idle;     /* work to do while PostgreSQL works */
+    void *idle_arg;
 };
 
 /* A put, ready to bind: index columns extracted, etag computed. */
@@ -549,6 +552,14 @@ s_next (cn_moray_t *m, int64_t deadline, PGresult **out)
 {
     *out = NULL;
     while (PQisBusy (m->conn)) {
+        /* the caller's own work first, while nothing has arrived (bounded:
+         * the idle function says when it has none left) */
+        if (m->idle) {
+            struct pollfd p = { .fd = PQsocket (m->conn), .events = POLLIN };
+            while (p.fd >= 0 && poll (&p, 1, 0) == 0 && cn_mono_us () < deadline
+                   && m->idle (m->idle_arg))
+                ;
+        }
         int w = s_wait (m->conn, POLLIN, deadline);
         if (w != 0) {
             s_err (m, "%s", w > 0 ? "timed out waiting for postgres" : "poll failed");
@@ -733,8 +744,12 @@ s_bucket_build (s_bucket_t *b)
     s_sb_printf (&s, "SELECT %s FROM %s WHERE _key = $1", cols, t);
     b->sql_get = s_sb_take (&s);
     s = (s_sb_t) { 0 };
-    s_sb_printf (&s, "SELECT %s FROM %s WHERE _key = ANY ($1::text[]) "
-                 "ORDER BY _key FOR UPDATE", cols, t);
+    /* u.n: the position in the caller's keys; the value is left out where
+     * the caller holds that version already (etag given and equal) */
+    s_sb_printf (&s, "SELECT t._key, CASE WHEN t._etag = u.e THEN NULL ELSE t._value END, "
+                 "t._etag, t._id, t._mtime, u.n FROM unnest ($1::text[], $2::text[]) "
+                 "WITH ORDINALITY AS u (k, e, n) JOIN %s AS t ON t._key = u.k "
+                 "ORDER BY t._key FOR UPDATE OF t", t);
     b->sql_lock_many = s_sb_take (&s);
     s = (s_sb_t) { 0 };
     s_sb_printf (&s, "SELECT 1 FROM %s WHERE _key = $1", t);
@@ -1037,200 +1052,6 @@ s_bucket (cn_moray_t *m, const char *name, s_bucket_t **out)
 typedef enum { S_J_STRING, S_J_NUMBER, S_J_TRUE, S_J_FALSE, S_J_NULL, S_J_OBJECT,
                S_J_ARRAY } s_jkind_t;
 
-static const unsigned char *
-s_ws (const unsigned char *p, const unsigned char *e)
-{
-    while (p < e && (*p == ' ' || *p == '\n' || *p == '\r' || *p == '\t'))
-        p++;
-    return p;
-}
-
-static int
-s_hex4 (const unsigned char *p)
-{
-    int v = 0;
-    for (int i = 0; i < 4; i++) {
-        int c = p[i], d;
-        if (c >= '0' && c <= '9') d = c - '0';
-        else if (c >= 'a' && c <= 'f') d = c - 'a' + 10;
-        else if (c >= 'A' && c <= 'F') d = c - 'A' + 10;
-        else return -1;
-        v = v * 16 + d;
-    }
-    return v;
-}
-
-/* One UTF-8 sequence at p (p < e, *p >= 0x80): its length, 0 if invalid. */
-static size_t
-s_utf8_seq (const unsigned char *p, const unsigned char *e)
-{
-    unsigned c = *p, min;
-    size_t k;
-    if ((c & 0xe0) == 0xc0) { k = 1; min = 0x80; c &= 0x1f; }
-    else if ((c & 0xf0) == 0xe0) { k = 2; min = 0x800; c &= 0x0f; }
-    else if ((c & 0xf8) == 0xf0) { k = 3; min = 0x10000; c &= 0x07; }
-    else return 0;
-    if ((size_t) (e - p) <= k)
-        return 0;
-    for (size_t j = 1; j <= k; j++) {
-        if ((p[j] & 0xc0) != 0x80)
-            return 0;
-        c = (c << 6) | (p[j] & 0x3f);
-    }
-    if (c < min || c > 0x10ffff || (c >= 0xd800 && c <= 0xdfff))
-        return 0;
-    return k + 1;
-}
-
-/* A string at p (*p == '"'): the byte after its closing quote, NULL if
- * invalid. *esc: it holds escapes. */
-static const unsigned char *
-s_jstring (const unsigned char *p, const unsigned char *e, bool *esc)
-{
-    *esc = false;
-    p++;
-    while (p < e) {
-        unsigned char c = *p;
-        if (c >= 0x20 && c < 0x80 && c != '"' && c != '\\') {
-            p++;
-            continue;
-        }
-        if (c == '"')
-            return p + 1;
-        if (c < 0x20)
-            return NULL;
-        if (c >= 0x80) {
-            size_t k = s_utf8_seq (p, e);
-            if (!k)
-                return NULL;
-            p += k;
-            continue;
-        }
-        /* backslash */
-        *esc = true;
-        if (e - p < 2)
-            return NULL;
-        c = p[1];
-        if (c == 'u') {
-            if (e - p < 6)
-                return NULL;
-            int u = s_hex4 (p + 2);
-            if (u < 0 || (u >= 0xdc00 && u <= 0xdfff))
-                return NULL;
-            p += 6;
-            if (u >= 0xd800 && u <= 0xdbff) {
-                /* a high surrogate needs its low one */
-                if (e - p < 6 || p[0] != '\\' || p[1] != 'u')
-                    return NULL;
-                int l = s_hex4 (p + 2);
-                if (l < 0xdc00 || l > 0xdfff)
-                    return NULL;
-                p += 6;
-            }
-            continue;
-        }
-        if (!strchr ("\"\\/bfnrt", c) || !c)
-            return NULL;
-        p += 2;
-    }
-    return NULL;
-}
-
-/* Decode a string span [p, e) (between the quotes, already validated).
- * Returns a fresh string, or NULL if it holds a NUL (\u0000) or on OOM. */
-static char *
-s_junescape (const unsigned char *p, const unsigned char *e)
-{
-    char *out = malloc ((size_t) (e - p) + 1), *o = out;
-    if (!out)
-        return NULL;
-    while (p < e) {
-        if (*p != '\\') {
-            *o++ = (char) *p++;
-            continue;
-        }
-        unsigned char c = p[1];
-        p += 2;
-        switch (c) {
-        case 'b': *o++ = '\b'; break;
-        case 'f': *o++ = '\f'; break;
-        case 'n': *o++ = '\n'; break;
-        case 'r': *o++ = '\r'; break;
-        case 't': *o++ = '\t'; break;
-        case 'u': {
-            unsigned u = (unsigned) s_hex4 (p);
-            p += 4;
-            if (u >= 0xd800 && u <= 0xdbff) {
-                unsigned l = (unsigned) s_hex4 (p + 2);
-                p += 6;
-                u = 0x10000 + ((u - 0xd800) << 10) + (l - 0xdc00);
-            }
-            if (u == 0) {
-                free (out);
-                return NULL;
-            }
-            if (u < 0x80)
-                *o++ = (char) u;
-            else if (u < 0x800) {
-                *o++ = (char) (0xc0 | (u >> 6));
-                *o++ = (char) (0x80 | (u & 0x3f));
-            }
-            else if (u < 0x10000) {
-                *o++ = (char) (0xe0 | (u >> 12));
-                *o++ = (char) (0x80 | ((u >> 6) & 0x3f));
-                *o++ = (char) (0x80 | (u & 0x3f));
-            }
-            else {
-                *o++ = (char) (0xf0 | (u >> 18));
-                *o++ = (char) (0x80 | ((u >> 12) & 0x3f));
-                *o++ = (char) (0x80 | ((u >> 6) & 0x3f));
-                *o++ = (char) (0x80 | (u & 0x3f));
-            }
-            break;
-        }
-        default:  *o++ = (char) c; break;     /* " \ / */
-        }
-    }
-    *o = 0;
-    return out;
-}
-
-/* A number at p: the byte after it, NULL if invalid. *integer: no fraction
- * and no exponent. */
-static const unsigned char *
-s_jnumber (const unsigned char *p, const unsigned char *e, bool *integer)
-{
-    *integer = true;
-    if (p < e && *p == '-')
-        p++;
-    if (p >= e || !isdigit (*p))
-        return NULL;
-    if (*p == '0')
-        p++;
-    else
-        while (p < e && isdigit (*p))
-            p++;
-    if (p < e && *p == '.') {
-        *integer = false;
-        p++;
-        if (p >= e || !isdigit (*p))
-            return NULL;
-        while (p < e && isdigit (*p))
-            p++;
-    }
-    if (p < e && (*p == 'e' || *p == 'E')) {
-        *integer = false;
-        p++;
-        if (p < e && (*p == '+' || *p == '-'))
-            p++;
-        if (p >= e || !isdigit (*p))
-            return NULL;
-        while (p < e && isdigit (*p))
-            p++;
-    }
-    return p;
-}
-
 /* A decimal number PostgreSQL's numeric takes without overflow: JSON number
  * grammar, at most 100 characters, exponent within +-1000. */
 static bool
@@ -1239,7 +1060,7 @@ s_numeric_text (const char *v)
     size_t n = strlen (v);
     bool integer;
     if (n == 0 || n > 100
-        || s_jnumber ((const unsigned char *) v, (const unsigned char *) v + n, &integer)
+        || cn_json_scan_number ((const unsigned char *) v, (const unsigned char *) v + n, &integer)
            != (const unsigned char *) v + n)
         return false;
     const char *x = strpbrk (v, "eE");
@@ -1257,7 +1078,7 @@ s_column_text (s_jkind_t kind, const unsigned char *v, const unsigned char *ve,
 {
     switch (kind) {
     case S_J_STRING: {
-        char *s = esc ? s_junescape (v + 1, ve - 1) : strndup ((const char *) v + 1,
+        char *s = esc ? cn_json_unescape (v + 1, ve - 1) : strndup ((const char *) v + 1,
                                                               (size_t) (ve - v - 2));
         if (!s || type == CN_MIDX_STRING)
             return s;
@@ -1305,7 +1126,7 @@ s_member (const s_bucket_t *b, s_prep_t *p, const unsigned char *k, const unsign
     if (kesc) {
         if (kn > 64 * 6)
             return;             /* longer than any index name */
-        tmp = s_junescape (k, ke);
+        tmp = cn_json_unescape (k, ke);
         if (!tmp)
             return;
         key = tmp;
@@ -1323,7 +1144,7 @@ s_member (const s_bucket_t *b, s_prep_t *p, const unsigned char *k, const unsign
         p->has_vnode = false;
         if (kind == S_J_NUMBER && (size_t) (ve - v) < sizeof p->vnode) {
             bool integer;
-            (void) s_jnumber (v, ve, &integer);
+            (void) cn_json_scan_number (v, ve, &integer);
             char num[24];
             memcpy (num, v, (size_t) (ve - v));
             num[ve - v] = 0;
@@ -1356,7 +1177,7 @@ s_json_scan (const char *text, size_t n, const s_bucket_t *b, s_prep_t *p,
     const unsigned char *k = NULL, *ke = NULL, *cstart = NULL, *t;
     bool kesc = false;
 
-    q = s_ws (q, e);
+    q = cn_json_scan_ws (q, e);
     if (q >= e || *q != '{') {
         snprintf (err, errlen, "not a JSON object");
         return false;
@@ -1365,7 +1186,7 @@ s_json_scan (const char *text, size_t n, const s_bucket_t *b, s_prep_t *p,
     q++;
     need_key = first = true;
     for (;;) {
-        q = s_ws (q, e);
+        q = cn_json_scan_ws (q, e);
         if (q >= e)
             goto bad;
         bool closed = false;
@@ -1377,7 +1198,7 @@ s_json_scan (const char *text, size_t n, const s_bucket_t *b, s_prep_t *p,
             closed = true;
         }
         else if (stk[d - 1] == '{' && need_key) {
-            if (*q != '"' || !(t = s_jstring (q, e, &esc)))
+            if (*q != '"' || !(t = cn_json_scan_string (q, e, &esc)))
                 goto bad;
             q = t;
             if (d == 1) {
@@ -1385,7 +1206,7 @@ s_json_scan (const char *text, size_t n, const s_bucket_t *b, s_prep_t *p,
                 ke = q - 1;
                 kesc = esc;
             }
-            q = s_ws (q, e);
+            q = cn_json_scan_ws (q, e);
             if (q >= e || *q != ':')
                 goto bad;
             q++;
@@ -1408,7 +1229,7 @@ s_json_scan (const char *text, size_t n, const s_bucket_t *b, s_prep_t *p,
                 first = true;
                 continue;
             case '"':
-                if (!(t = s_jstring (q, e, &vesc)))
+                if (!(t = cn_json_scan_string (q, e, &vesc)))
                     goto bad;
                 q = t;
                 kind = S_J_STRING;
@@ -1433,7 +1254,7 @@ s_json_scan (const char *text, size_t n, const s_bucket_t *b, s_prep_t *p,
                 break;
             default: {
                 bool integer;
-                if (!(t = s_jnumber (q, e, &integer)))
+                if (!(t = cn_json_scan_number (q, e, &integer)))
                     goto bad;
                 q = t;
                 kind = S_J_NUMBER;
@@ -1447,7 +1268,7 @@ s_json_scan (const char *text, size_t n, const s_bucket_t *b, s_prep_t *p,
             if (closed) {
                 d--;
                 if (d == 0) {
-                    q = s_ws (q, e);
+                    q = cn_json_scan_ws (q, e);
                     if (q != e)
                         goto bad;
                     return true;
@@ -1456,7 +1277,7 @@ s_json_scan (const char *text, size_t n, const s_bucket_t *b, s_prep_t *p,
                     s_member (b, p, k, ke, kesc,
                               *cstart == '{' ? S_J_OBJECT : S_J_ARRAY, cstart, q, false);
             }
-            q = s_ws (q, e);
+            q = cn_json_scan_ws (q, e);
             if (q >= e)
                 goto bad;
             if (*q == ',') {
@@ -1557,6 +1378,13 @@ cn_moray_destroy (cn_moray_t **p)
     free (m->conninfo);
     free (m);
     *p = NULL;
+}
+
+void
+cn_moray_set_idle (cn_moray_t *m, cn_moray_idle_fn *fn, void *arg)
+{
+    m->idle = fn;
+    m->idle_arg = arg;
 }
 
 int
@@ -1747,6 +1575,31 @@ done:
     return rc;
 }
 
+/* Values are JSON text of a few KB, which PostgreSQL compresses (TOAST):
+ * with lz4 (PostgreSQL 14+, when built with it) rather than the default pglz
+ * the server spends far less CPU per write. 1 when table lname exists and its
+ * _value column should be switched to lz4, 0 when not, or an error code. Only
+ * values written after the switch are compressed with lz4; older ones stay
+ * readable as they are. */
+static int
+s_wants_lz4 (cn_moray_t *m, const char *lname)
+{
+    if (PQserverVersion (m->conn) < 140000)
+        return 0;
+    const char *p[] = { lname };
+    PGresult *r;
+    int rc = s_exec (m, "SELECT 1 FROM pg_attribute a WHERE a.attrelid = "
+                     "to_regclass (quote_ident ($1)) AND a.attname = '_value' "
+                     "AND a.attcompression <> 'l' AND EXISTS (SELECT 1 FROM pg_settings "
+                     "WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals))",
+                     1, NULL, p, NULL, NULL, &r);
+    if (rc)
+        return rc;
+    rc = PQntuples (r) == 1 ? 1 : 0;
+    PQclear (r);
+    return rc;
+}
+
 /* The DDL of put_bucket, inside a unit of work. */
 static int
 s_put_bucket_ddl (cn_moray_t *m, const char *bucket, const cn_mindex_t *index,
@@ -1810,8 +1663,22 @@ s_put_bucket_ddl (cn_moray_t *m, const char *bucket, const cn_mindex_t *index,
         return rc;
     }
 
-    /* what the table has: column -> type, unique */
     const char *pt[] = { lname };
+    if ((rc = s_wants_lz4 (m, lname)) < 0) {
+        s_index_free (old, nold);
+        return rc;
+    }
+    if (rc == 1) {
+        char sql[160];
+        snprintf (sql, sizeof sql, "ALTER TABLE %s ALTER COLUMN _value SET COMPRESSION lz4",
+                  ident);
+        if ((rc = s_cmd (m, sql))) {
+            s_index_free (old, nold);
+            return rc;
+        }
+    }
+
+    /* what the table has: column -> type, unique */
     rc = s_exec (m, "SELECT a.attname, format_type (a.atttypid, a.atttypmod), "
                  "EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = a.attrelid "
                  "AND i.indisunique AND i.indnatts = 1 AND i.indkey[0] = a.attnum) "
@@ -1976,6 +1843,14 @@ cn_moray_put_bucket (cn_moray_t *m, const char *bucket,
         same = rc == CN_MORAY_OK && PQntuples (r) == 1 && PQgetvalue (r, 0, 1)[0] == 't'
                && s_index_same (PQgetvalue (r, 0, 0), index, nindex);
         PQclear (r);
+        if (same) {
+            char lname[64];
+            s_lower (lname, bucket, sizeof lname);
+            int w = s_wants_lz4 (m, lname);
+            if (w < 0)
+                rc = w;
+            same = w == 0;
+        }
     }
     if (rc == CN_MORAY_OK && !same) {
         bool own;
@@ -2004,8 +1879,14 @@ static void
 s_row_obj (PGresult *r, int row, cn_mobj_t *o, bool copy)
 {
     o->key = copy ? strdup (PQgetvalue (r, row, 0)) : PQgetvalue (r, row, 0);
-    o->value = copy ? strdup (PQgetvalue (r, row, 1)) : PQgetvalue (r, row, 1);
-    o->value_len = (size_t) PQgetlength (r, row, 1);
+    if (PQgetisnull (r, row, 1)) {
+        o->value = NULL;        /* left out by the query (lock_many) */
+        o->value_len = 0;
+    }
+    else {
+        o->value = copy ? strdup (PQgetvalue (r, row, 1)) : PQgetvalue (r, row, 1);
+        o->value_len = (size_t) PQgetlength (r, row, 1);
+    }
     snprintf (o->etag, sizeof o->etag, "%s", PQgetvalue (r, row, 2));
     for (size_t n = strlen (o->etag); n && o->etag[n - 1] == ' '; n--)
         o->etag[n - 1] = 0;     /* char(8) padding, should a row have less */
@@ -2441,6 +2322,13 @@ int
 cn_moray_get_many_locked (cn_moray_t *m, const char *bucket, const char *const *keys,
                           size_t n, cn_mobj_t *out)
 {
+    return cn_moray_lock_many (m, bucket, keys, NULL, n, out);
+}
+
+int
+cn_moray_lock_many (cn_moray_t *m, const char *bucket, const char *const *keys,
+                    const char *const *etags, size_t n, cn_mobj_t *out)
+{
     S_ENTER (m);
     if (n && (!keys || !out)) {
         s_err (m, "keys and out required");
@@ -2457,66 +2345,39 @@ cn_moray_get_many_locked (cn_moray_t *m, const char *bucket, const char *const *
         return rc;
     if ((rc = s_ready (m)))
         return rc;
-    s_arr_t a;
+    s_arr_t a, e;
     s_arr_begin (&a, n);
-    for (size_t i = 0; i < n; i++)
+    s_arr_begin (&e, n);
+    for (size_t i = 0; i < n; i++) {
         s_arr_add (&a, keys[i]);
-    if (a.b.oom) {
+        s_arr_add (&e, etags && etags[i] && *etags[i] ? etags[i] : NULL);
+    }
+    if (a.b.oom || e.b.oom) {
         free (a.b.d);
+        free (e.b.d);
         s_err (m, "out of memory");
         return CN_MORAY_ESQL;
     }
-    const char *v[] = { a.b.d };
-    int len[] = { (int) a.b.len };
-    int fmt[] = { 1 };
-    Oid t[] = { S_OID_TEXTARRAY };
+    const char *v[] = { a.b.d, e.b.d };
+    int len[] = { (int) a.b.len, (int) e.b.len };
+    int fmt[] = { 1, 1 };
+    Oid t[] = { S_OID_TEXTARRAY, S_OID_TEXTARRAY };
     PGresult *r;
-    rc = s_exec (m, b->sql_lock_many, 1, t, v, len, fmt, &r);
+    rc = s_exec (m, b->sql_lock_many, 2, t, v, len, fmt, &r);
     free (a.b.d);
+    free (e.b.d);
     if (rc)
         return rc;
-    /* rows back to positions: sort-free, via a small map over keys */
-    s_map_t mp = { 0 };
-    s_bucket_t **ob = calloc (n, sizeof *ob);
-    cn_mop_t *kops = calloc (n, sizeof *kops);
-    size_t *next = calloc (n, sizeof *next);    /* next position with the same key */
-    if (!ob || !kops || !next || !s_map_init (&mp, n)) {
-        free (ob);
-        free (kops);
-        free (next);
-        free (mp.slot);
-        PQclear (r);
-        s_err (m, "out of memory");
-        return CN_MORAY_ESQL;
-    }
-    for (size_t i = 0; i < n; i++) {
-        ob[i] = b;
-        kops[i].key = keys[i];
-        next[i] = SIZE_MAX;
-        size_t j = s_map_find (&mp, ob, kops, b, keys[i], i);
-        if (j != SIZE_MAX) {
-            while (next[j] != SIZE_MAX)
-                j = next[j];
-            next[j] = i;
-        }
-    }
     bool oom = false;
     for (int row = 0; row < PQntuples (r); row++) {
-        const char *k = PQgetvalue (r, row, 0);
-        size_t first = s_map_find (&mp, ob, kops, b, k, SIZE_MAX);
-        if (first == SIZE_MAX)
+        long long pos = strtoll (PQgetvalue (r, row, 5), NULL, 10);
+        if (pos < 1 || (size_t) pos > n || out[pos - 1].key)
             continue;
-        /* every position asking for this key (duplicates in keys[]) */
-        for (size_t i = first; i != SIZE_MAX; i = next[i]) {
-            s_row_obj (r, row, &out[i], true);
-            oom = oom || !out[i].key || !out[i].value;
-        }
+        cn_mobj_t *o = &out[pos - 1];
+        s_row_obj (r, row, o, true);
+        oom = oom || !o->key || (!o->value && !PQgetisnull (r, row, 1));
     }
     PQclear (r);
-    free (mp.slot);
-    free (ob);
-    free (kops);
-    free (next);
     if (oom) {
         for (size_t i = 0; i < n; i++)
             cn_mobj_fini (&out[i]);

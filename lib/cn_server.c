@@ -30,6 +30,7 @@
  */
 #include "cn_server.h"
 
+#include <assert.h>
 #include <ctype.h>
 #include <errno.h>
 #include <math.h>
@@ -370,6 +371,17 @@ cn_sysinfo_parse (const char *body, size_t len, const char *expect_uuid,
                   jerr.text, jerr.line, jerr.column);
         return -1;
     }
+    if (cn_sysinfo_check (si, expect_uuid, err, errlen) != 0) {
+        json_decref (si);
+        return -1;
+    }
+    *out = si;
+    return 0;
+}
+
+int
+cn_sysinfo_check (const json_t *si, const char *expect_uuid, char *err, size_t errlen)
+{
     if (!json_is_object (si)) {
         snprintf (err, errlen, "sysinfo must be a JSON object");
         goto fail;
@@ -414,10 +426,8 @@ cn_sysinfo_parse (const char *body, size_t len, const char *expect_uuid,
     nics = json_object_get (si, "Virtual Network Interfaces");
     if (nics && !s_check_nics (nics, "Virtual Network Interfaces", err, errlen))
         goto fail;
-    *out = si;
     return 0;
 fail:
-    json_decref (si);
     return -1;
 }
 
@@ -475,10 +485,15 @@ s_disjoint (const json_t *a, const json_t *b)
 static bool
 s_other_machine (const json_t *old_si, const json_t *new_si)
 {
-    json_t *a = s_macs (old_si), *b = s_macs (new_si);
+    json_t *a = s_macs (old_si);
+    /* the same NICs (a sysinfo shares unchanged members with the previous
+     * one, cn_sysinfo_load_like): the same MAC set */
+    json_t *nics = json_object_get (old_si, "Network Interfaces");
+    json_t *b = nics && nics == json_object_get (new_si, "Network Interfaces")
+        ? json_incref (a) : s_macs (new_si);
     bool other;
     if (json_array_size (a) > 0 && json_array_size (b) > 0)
-        other = s_disjoint (a, b);
+        other = a != b && s_disjoint (a, b);
     else {
         const char *ha = s_str (old_si, "Hostname"), *hb = s_str (new_si, "Hostname");
         other = ha && hb && strcmp (ha, hb) != 0;
@@ -746,19 +761,30 @@ s_conflict (const json_t *existing, const json_t *si, const cn_sysinfo_ctx_t *ct
 }
 
 cn_srv_result_t
-cn_server_apply_sysinfo (const json_t *existing, const json_t *sysinfo,
-                         const cn_sysinfo_ctx_t *ctx, json_t **out)
+cn_server_apply_sysinfo_si (const json_t *existing, const cn_sysinfo_t *old_si,
+                            const cn_sysinfo_t *si, const cn_sysinfo_ctx_t *ctx, json_t **out)
 {
     *out = NULL;
     if (existing && !json_is_object (existing))
         existing = NULL;       /* a broken row: rebuild it from sysinfo */
+    if (!existing)
+        old_si = NULL;
     int64_t ts = ctx->sent_ms > 0 ? ctx->sent_ms : ctx->now_ms;
+    const json_t *new_sum = si->summary;
 
     if (existing) {
-        const json_t *old_si = json_object_get (existing, "sysinfo");
-        if (json_is_object (old_si) && json_object_size (old_si) > 0 &&
-            s_other_machine (old_si, sysinfo))
-            return s_conflict (existing, sysinfo, ctx, out);
+        const json_t *old_sum = old_si ? old_si->summary : NULL;
+        /* an empty summary (no member records derive from) cannot tell
+         * another machine: s_other_machine would say no */
+        if (json_is_object (old_sum) && json_object_size (old_sum) > 0 &&
+            s_other_machine (old_sum, new_sum)) {
+            /* the report goes into a copy of the record without its sysinfo */
+            json_t *bare = json_copy ((json_t *) existing);
+            json_object_del (bare, "sysinfo");
+            cn_srv_result_t r = s_conflict (bare, new_sum, ctx, out);
+            json_decref (bare);
+            return r;
+        }
         json_t *ms = json_object_get (existing, "sysinfo_ms");
         if (json_is_integer (ms) && ts < json_integer_value (ms))
             return CN_SRV_STALE;
@@ -769,14 +795,15 @@ cn_server_apply_sysinfo (const json_t *existing, const json_t *sysinfo,
      * record (which is const and may be cached by the caller). */
     json_t *rec = existing ? json_copy ((json_t *) existing) : json_object ();
     s_fill_defaults (rec, ctx);
-    s_derive (rec, sysinfo, ctx);
+    s_derive (rec, new_sum, ctx);
+    json_object_del (rec, "sysinfo");
 
     if (existing) {
-        static const char *const skip[] = { "last_sysinfo", "sysinfo_ms", NULL };
+        static const char *const skip[] = { "last_sysinfo", "sysinfo_ms", "sysinfo", NULL };
         json_t *last = json_object_get (existing, "last_sysinfo");
         int64_t every_ms = (int64_t) ctx->freshness_s * 1000 / 3;
-        if (s_equal_except (rec, existing, skip) && json_is_integer (last) &&
-            ctx->now_ms - json_integer_value (last) < every_ms) {
+        if (json_is_integer (last) && ctx->now_ms - json_integer_value (last) < every_ms &&
+            s_equal_except (rec, existing, skip) && cn_sysinfo_equal (old_si, si)) {
             json_decref (rec);
             return CN_SRV_UNCHANGED;
         }
@@ -785,6 +812,28 @@ cn_server_apply_sysinfo (const json_t *existing, const json_t *sysinfo,
     json_object_set_new (rec, "sysinfo_ms", json_integer (ts));
     *out = rec;
     return CN_SRV_WRITE;
+}
+
+cn_srv_result_t
+cn_server_apply_sysinfo (const json_t *existing, const json_t *sysinfo,
+                         const cn_sysinfo_ctx_t *ctx, json_t **out)
+{
+    *out = NULL;
+    if (existing && !json_is_object (existing))
+        existing = NULL;
+    json_t *old = existing ? json_object_get (existing, "sysinfo") : NULL;
+    cn_sysinfo_t *old_si = old ? cn_sysinfo_from_json (old) : NULL;
+    cn_sysinfo_t *si = cn_sysinfo_from_json (sysinfo);
+    assert (si && (!old || old_si));
+    cn_srv_result_t r = cn_server_apply_sysinfo_si (existing, old_si, si, ctx, out);
+    if (*out) {
+        json_t *v = r == CN_SRV_WRITE ? (json_t *) sysinfo : old;
+        if (v)
+            json_object_set (*out, "sysinfo", v);
+    }
+    cn_sysinfo_unref (&old_si);
+    cn_sysinfo_unref (&si);
+    return r;
 }
 
 /* ---- status ---- */

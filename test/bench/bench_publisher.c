@@ -9,7 +9,7 @@
  *
  *   bench-publisher --url AMQP_URL [--messages M] [--threads T] [--servers S]
  *                   [--vms V] [--window W] [--queue Q] [--keep-queue]
- *                   [--declare-only | --delete-only]
+ *                   [--instances K] [--declare-only | --delete-only]
  *
  * --queue Q (default bench.vmevents) is declared durable (classic) and bound
  * to vm.event.# first, so every event is routed to a queue and written by the
@@ -17,7 +17,10 @@
  * the end unless --keep-queue. --queue "" binds nothing (unroutable events
  * are confirmed without being stored). --declare-only declares and binds, then
  * exits (for a mockcloud run against the same queue); --delete-only deletes
- * the queue and exits.
+ * the queue and exits. --instances K: instead of that one queue, K queues
+ * <Q>.<k> as K cnapid instances hold them: not durable, each bound by
+ * per-server keys (vm.event.<server>.*) to the servers it owns (server i to
+ * instance i % K), so every event goes to its owner's queue only.
  *
  * T sender threads (default 1) each own S/T servers with V VMs each and make
  * M/T changes as fast as they can, pausing while more than 50,000 messages
@@ -130,8 +133,19 @@ s_sender (void *arg)
     return NULL;
 }
 
+static void
+s_server_uuid (long i, char out[48])
+{
+    snprintf (out, 48, "beef0000-0000-4000-8000-%012lx", (unsigned long) i);
+}
+
+/* instances = 0: queue is one durable classic queue bound to every event.
+ * instances = K: K queues <queue>.<k>, not durable (as each cnapid's own VM
+ * events queue), server i bound to queue i % K by its own key
+ * vm.event.<server>.* (as the instance that owns it binds it). */
 static int
-s_declare (const char *url, const char *queue, bool delete, char *err, size_t errlen)
+s_declare (const char *url, const char *queue, bool delete, long instances, long servers,
+           char *err, size_t errlen)
 {
     cn_amqp_url_t u;
     if (cn_amqp_url_parse (url, &u, err, errlen) != 0)
@@ -141,17 +155,40 @@ s_declare (const char *url, const char *queue, bool delete, char *err, size_t er
     if (!c)
         return -1;
     int rc = 0;
-    if (delete) {
-        amqp_queue_delete (c, CN_AMQP_CHANNEL, amqp_cstring_bytes (queue), 0, 0);
-        amqp_rpc_reply_t r = amqp_get_rpc_reply (c);
-        if (r.reply_type != AMQP_RESPONSE_NORMAL) {
-            cn_amqp_reply_str (r, "queue.delete", err, errlen);
-            rc = -1;
+    for (long k = 0; k < (instances ? instances : 1) && rc == 0; k++) {
+        char name[256];
+        if (instances)
+            snprintf (name, sizeof name, "%s.%ld", queue, k);
+        else
+            snprintf (name, sizeof name, "%s", queue);
+        if (delete) {
+            amqp_queue_delete (c, CN_AMQP_CHANNEL, amqp_cstring_bytes (name), 0, 0);
+            amqp_rpc_reply_t r = amqp_get_rpc_reply (c);
+            if (r.reply_type != AMQP_RESPONSE_NORMAL) {
+                cn_amqp_reply_str (r, "queue.delete", err, errlen);
+                rc = -1;
+            }
         }
-    }
-    else {
-        const char *keys[] = { CN_VM_EVENT_BINDING_ALL, NULL };
-        rc = cn_amqp_queue_declare (c, queue, CN_AMQP_QUEUE_CLASSIC, keys, err, errlen);
+        else
+        if (!instances) {
+            const char *keys[] = { CN_VM_EVENT_BINDING_ALL, NULL };
+            rc = cn_amqp_queue_declare (c, name, CN_AMQP_QUEUE_CLASSIC, keys, err, errlen);
+        }
+        else {
+            amqp_queue_declare (c, CN_AMQP_CHANNEL, amqp_cstring_bytes (name), 0, 0, 0, 0,
+                                amqp_empty_table);
+            amqp_rpc_reply_t r = amqp_get_rpc_reply (c);
+            if (r.reply_type != AMQP_RESPONSE_NORMAL) {
+                cn_amqp_reply_str (r, "queue.declare", err, errlen);
+                rc = -1;
+            }
+            for (long i = k; i < servers && rc == 0; i += instances) {
+                char uuid[48], key[128];
+                s_server_uuid (i, uuid);
+                snprintf (key, sizeof key, "vm.event.%s.*", uuid);
+                rc = cn_amqp_bind (c, name, key, true, err, errlen);
+            }
+        }
     }
     cn_amqp_close (&c);
     return rc;
@@ -162,9 +199,10 @@ main (int argc, char **argv)
 {
     setvbuf (stdout, NULL, _IOLBF, 0);
     const char *url = NULL, *queue = "bench.vmevents";
-    long messages = 200000, threads = 1, servers = 1000, vms = 10, window = 1000;
+    long messages = 200000, threads = 1, servers = 1000, vms = 10, window = 1000, instances = 0;
     bool keep = false, declare_only = false, delete_only = false, pregen = false;
-    enum { O_URL = 256, O_MSG, O_THR, O_SRV, O_VMS, O_WIN, O_Q, O_KEEP, O_DECL, O_DEL, O_PRE };
+    enum { O_URL = 256, O_MSG, O_THR, O_SRV, O_VMS, O_WIN, O_Q, O_KEEP, O_DECL, O_DEL, O_PRE,
+           O_INST };
     static const struct option opts[] = {
         { "url", required_argument, NULL, O_URL },
         { "messages", required_argument, NULL, O_MSG },
@@ -177,6 +215,7 @@ main (int argc, char **argv)
         { "declare-only", no_argument, NULL, O_DECL },
         { "delete-only", no_argument, NULL, O_DEL },
         { "pregen", no_argument, NULL, O_PRE },
+        { "instances", required_argument, NULL, O_INST },
         { NULL, 0, NULL, 0 }
     };
     int ch;
@@ -193,27 +232,28 @@ main (int argc, char **argv)
         case O_DECL: declare_only = true; break;
         case O_DEL: delete_only = true; break;
         case O_PRE: pregen = true; break;
+        case O_INST: instances = atol (optarg); break;
         default:
             fprintf (stderr, "usage: bench-publisher --url AMQP_URL [--messages M] [--threads T] "
                              "[--servers S] [--vms V] [--window W] [--queue Q] [--keep-queue] "
-                             "[--pregen] [--declare-only | --delete-only]\n");
+                             "[--pregen] [--instances K] [--declare-only | --delete-only]\n");
             return 2;
         }
     }
     if (!url || messages < 1 || threads < 1 || threads > 16 || servers < threads || vms < 1
-        || window < 1) {
+        || window < 1 || instances < 0 || instances > 64) {
         fprintf (stderr, "bench-publisher: bad arguments\n");
         return 2;
     }
     char err[512];
     if (delete_only) {
-        if (*queue && s_declare (url, queue, true, err, sizeof err) != 0) {
+        if (*queue && s_declare (url, queue, true, instances, servers, err, sizeof err) != 0) {
             fprintf (stderr, "bench-publisher: delete %s: %s\n", queue, err);
             return 1;
         }
         return 0;
     }
-    if (*queue && s_declare (url, queue, false, err, sizeof err) != 0) {
+    if (*queue && s_declare (url, queue, false, instances, servers, err, sizeof err) != 0) {
         fprintf (stderr, "bench-publisher: declare %s: %s\n", queue, err);
         return 1;
     }
@@ -239,7 +279,7 @@ main (int argc, char **argv)
     if (!uuids)
         abort ();
     for (long i = 0; i < servers; i++)
-        snprintf (uuids[i], sizeof uuids[i], "beef0000-0000-4000-8000-%012lx", (unsigned long) i);
+        s_server_uuid (i, uuids[i]);
     atomic_uint_fast64_t bytes = 0;
     pthread_t tid[16];
     s_thread_t ts[16];
@@ -294,7 +334,7 @@ main (int argc, char **argv)
             (unsigned long long) st.republished, done ? "true" : "false", queue, window,
             threads, pregen ? "true" : "false");
     free (uuids);
-    if (*queue && !keep && s_declare (url, queue, true, err, sizeof err) != 0)
+    if (*queue && !keep && s_declare (url, queue, true, instances, servers, err, sizeof err) != 0)
         fprintf (stderr, "bench-publisher: delete %s: %s\n", queue, err);
     return done ? 0 : 1;
 }

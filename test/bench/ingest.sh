@@ -13,6 +13,9 @@
 # 3. Baselines on the same machine: the raw RabbitMQ publish/consume rate of
 #    3 KB persistent messages (sysinfo-burst --bench-raw) and the batched
 #    PostgreSQL write rate of the store (bench-moray).
+# With the throughput figure it prints the CPU time spent during the drain per
+# message: each cnapid thread's and that of the stack's PostgreSQL, RabbitMQ and Redis
+# (test/bench/cpustat.py; CPU time holds on a noisy machine, rates do not).
 # Prints one summary block; docs/benchmarks.md records the figures.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -69,6 +72,9 @@ acked_total() {
   echo "$sum"
 }
 
+PG_POSTMASTER=$(head -n1 "$( . "$STATE/stack/state.env"; echo "${PG_BASE:-$STATE/stack/postgres}")/data/postmaster.pid")
+OTHERS=$(for f in rabbitmq/rabbitmq.pid redis/redis.pid; do head -n1 "$STATE/stack/$f" 2>/dev/null; echo; done)
+$PY "$ROOT/test/bench/cpustat.py" snap "$STATE/cpu0.json" "$PG_POSTMASTER" $OTHERS
 T0=$(date +%s%N)
 for i in $(seq 1 "$INSTANCES"); do
   cat > "$STATE/bench-$i.json" <<JSON
@@ -87,6 +93,7 @@ for n in $(seq 1 6000); do      # bounded: 10 minutes at 0.1 s
   sleep 0.1
 done
 T1=$(date +%s%N)
+$PY "$ROOT/test/bench/cpustat.py" snap "$STATE/cpu1.json" "$PG_POSTMASTER" $OTHERS "${PIDS[@]}"
 SECS=$($PY -c "print('%.3f' % (($T1 - $T0) / 1e9))")
 RATE_IN=$($PY -c "print(int($MESSAGES / $SECS))")
 echo "== drained $a of $MESSAGES in ${SECS}s with $INSTANCES instance(s): $RATE_IN msg/s (start to last ack)"
@@ -95,6 +102,8 @@ for i in $(seq 1 "$INSTANCES"); do
 import json,sys; a=json.load(sys.stdin); w=a["writer"]; l=a["listener"]
 print("   bench-%s: acked %d, batches %d, avg batch %.1f, max batch %d, last commit %.1f ms" % (sys.argv[1], l["acked"], w["batches"], w["avg_batch"], w["max_batch"], w["last_commit_ms"]))' "$i"
 done
+echo "== CPU during the drain, per message (load average $(cut -d' ' -f1-3 /proc/loadavg))"
+$PY "$ROOT/test/bench/cpustat.py" diff "$STATE/cpu0.json" "$STATE/cpu1.json" "$MESSAGES" | sed 's/^/   /'
 
 TOTAL=$((RATE * SECONDS_))
 echo "== latency: $TOTAL messages at $RATE msg/s"

@@ -341,6 +341,231 @@ test_parse_errors (void)
     free (buf);
 }
 
+/* cn_sysinfo_load gives the verdicts and messages of cn_sysinfo_parse, on
+ * its fast scan and where it leaves the text to jansson. */
+static void
+test_sysinfo_load_verdicts (void)
+{
+    char *fx = s_fixture_with ("Hostname", "\"cn-1\"");
+    char *esc = s_fixture_with ("Hostname", "\"cn-\\u00e9\\n\"");
+    const char *texts[] = {
+        FIXTURE, fx, esc, "", "{nope", "[1, 2]", "42", "{\"Hostname\": \"x\"}", "{\"UUID\": 7}",
+        "{\"UUID\": \"abc\"}",
+        "{\"UUID\":\"" UUID_LC "\",\"UUID\":\"" UUID_LC "\"}",
+        "{\"UUID\":\"" UUID_LC "\",\"a\":{\"b\":1,\"b\":2}}",            /* nested duplicate */
+        "{\"UUID\":\"" UUID_LC "\",\"a\":{\"b\":1},\"c\":{\"b\":2}}",   /* not a duplicate */
+        "{\"UUID\":\"" UUID_LC "\",\"a\\u0062\":1,\"ab\":2}",            /* escaped key */
+        "{\"UUID\":\"" UUID_LC "\",\"a\\u0062\":1,\"b\":2}",             /* left to jansson */
+        "{\"UUID\":\"" UUID_LC "\",\"a\":\"x\\u0000y\"}",                /* NUL */
+        "{\"UUID\":\"" UUID_LC "\",\"a\":99999999999999999999}",         /* too big */
+        "{\"UUID\":\"" UUID_LC "\",\"a\":-9223372036854775808}",
+        "{\"UUID\":\"" UUID_LC "\",\"a\":1e400}",                        /* overflow */
+        "{\"UUID\":\"" UUID_LC "\",\"a\":1.5e-3,\"b\":[true,false,null,{}]}",
+        "{\"UUID\":\"" UUID_LC "\",\"a\":\"\xff\"}",                     /* bad UTF-8 */
+        "{\"UUID\":\"" UUID_LC "\",\"a\":01}",
+        "{\"UUID\":\"" UUID_LC "\"} x",
+        " {\"UUID\":\"" UUID_LC "\"}\n ",
+        "{\"UUID\":\"" UUID_LC "\",\"Hostname\":5}",
+        "{\"UUID\":\"" UUID_LC "\",\"Network Interfaces\":{\"e0\":{\"NIC Names\":\"a\"}}}",
+    };
+    for (size_t i = 0; i < sizeof texts / sizeof texts[0]; i++) {
+        char e1[256] = "", e2[256] = "";
+        json_t *tree = NULL;
+        cn_sysinfo_t *si = NULL;
+        size_t n = strlen (texts[i]);
+        int r1 = cn_sysinfo_parse (texts[i], n, NULL, &tree, e1, sizeof e1);
+        int r2 = cn_sysinfo_load (texts[i], n, NULL, &si, e2, sizeof e2);
+        if (r1 != r2 || strcmp (e1, e2) != 0)
+            printf ("  case %zu: parse %d \"%s\", load %d \"%s\"\n", i, r1, e1, r2, e2);
+        CHECK_INT (r2, r1);
+        CHECK_STR (e2, e1);
+        CHECK ((si != NULL) == (r2 == 0));
+        if (si) {
+            CHECK_INT (si->len, n);
+            CHECK (memcmp (si->text, texts[i], n) == 0);
+            /* the summary: exactly the members records derive from */
+            const char *k;
+            json_t *v;
+            json_object_foreach (si->summary, k, v)
+                CHECK (json_equal (v, json_object_get (tree, k)));
+            CHECK (json_object_get (si->summary, "UUID") != NULL);
+            CHECK (json_object_get (si->summary, "Disks") == NULL);
+            json_t *back = cn_sysinfo_tree (si);
+            CHECK (json_equal (back, tree));
+            json_decref (back);
+        }
+        cn_sysinfo_unref (&si);
+        CHECK (si == NULL);
+        json_decref (tree);
+    }
+    /* a text the fast scan leaves to jansson is kept, without a hash */
+    const char *slow = "{\"UUID\":\"" UUID_LC "\",\"a\\u0062\":1}";
+    cn_sysinfo_t *ss = NULL;
+    char serr[256];
+    CHECK_INT (cn_sysinfo_load (slow, strlen (slow), NULL, &ss, serr, sizeof serr), 0);
+    CHECK (ss && !ss->hashed && json_object_size (ss->summary) == 1);
+    cn_sysinfo_unref (&ss);
+    /* the fixture itself takes the fast way */
+    cn_sysinfo_t *si = NULL;
+    char err[256];
+    CHECK_INT (cn_sysinfo_load (FIXTURE, strlen (FIXTURE), UUID_LC, &si, err, sizeof err), 0);
+    CHECK (si && si->hashed);
+    /* the 17 members records derive from but "CN Agent IP", "CN Agent Port" and
+     * "Admin IP", which the fixture lacks */
+    CHECK_INT (json_object_size (si->summary), 14);
+    cn_sysinfo_unref (&si);
+    free (fx);
+    free (esc);
+}
+
+/* Loading like the previous sysinfo shares the members that did not change. */
+static void
+test_sysinfo_load_like (void)
+{
+    char err[256];
+    cn_sysinfo_t *a = NULL, *b = NULL, *plain = NULL, *c = NULL;
+    char *fx = s_fixture_with ("Hostname", "\"cn-2\"");
+    CHECK_INT (cn_sysinfo_load (FIXTURE, strlen (FIXTURE), UUID_LC, &a, err, sizeof err), 0);
+    CHECK_INT (cn_sysinfo_load_like (fx, strlen (fx), UUID_LC, a, &b, err, sizeof err), 0);
+    CHECK_INT (cn_sysinfo_load (fx, strlen (fx), UUID_LC, &plain, err, sizeof err), 0);
+    CHECK (json_equal (b->summary, plain->summary));
+    CHECK (!json_equal (a->summary, b->summary));
+    CHECK_STR (json_string_value (json_object_get (b->summary, "Hostname")), "cn-2");
+    /* a string member written the same is shared, a changed one is not */
+    CHECK (json_object_get (b->summary, "UUID") == json_object_get (a->summary, "UUID"));
+    CHECK (json_object_get (b->summary, "Hostname") != json_object_get (a->summary, "Hostname"));
+    /* the same layout: the unchanged members are a's own */
+    CHECK_INT (cn_sysinfo_load_like (fx, strlen (fx), UUID_LC, plain, &c, err, sizeof err), 0);
+    CHECK (json_object_get (c->summary, "Network Interfaces")
+           == json_object_get (plain->summary, "Network Interfaces"));
+    CHECK (json_equal (c->summary, plain->summary));
+    /* a rejected text is rejected as without like */
+    cn_sysinfo_t *bad = NULL;
+    CHECK_INT (cn_sysinfo_load_like (FIXTURE, strlen (FIXTURE), "00000000-0000-0000-0000-000000000001",
+                                     a, &bad, err, sizeof err), -1);
+    CHECK (bad == NULL);
+    cn_sysinfo_unref (&a);
+    cn_sysinfo_unref (&b);
+    cn_sysinfo_unref (&c);
+    CHECK_STR (json_string_value (json_object_get (plain->summary, "Hostname")), "cn-2");
+    cn_sysinfo_unref (&plain);
+    free (fx);
+}
+
+/* Equal JSON, equal hash: member order, whitespace, escapes do not count. */
+static void
+test_sysinfo_equal (void)
+{
+    static const struct {
+        const char *a, *b;
+        bool equal;
+    } cases[] = {
+        { "{\"a\":1,\"b\":[1,2]}", "{ \"b\" : [ 1 , 2 ] , \"a\" : 1 }", true },
+        { "{\"a\":\"\\u00e9\\/\"}", "{\"a\":\"\xc3\xa9/\"}", true },
+        { "{\"a\":{\"x\":1,\"y\":2}}", "{\"a\":{\"y\":2,\"x\":1}}", true },
+        { "{\"a\":-0}", "{\"a\":0}", true },
+        { "{\"a\":1.0}", "{\"a\":1.00}", true },          /* reals: by parsing */
+        { "{\"a\":1}", "{\"a\":1.0}", false },            /* integer vs real */
+        { "{\"a\":[1,2]}", "{\"a\":[2,1]}", false },
+        { "{\"a\":1,\"b\":2}", "{\"a\":2,\"b\":1}", false },
+        { "{\"a\":{\"b\":1}}", "{\"a\":{\"b\":1},\"c\":{}}", false },
+        { "{\"a\":\"1\"}", "{\"a\":1}", false },
+        { "{\"a\":null}", "{}", false },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        json_t *x = json_loads (cases[i].a, 0, NULL), *y = json_loads (cases[i].b, 0, NULL);
+        CHECK (x && y);
+        CHECK (json_equal (x, y) == cases[i].equal);
+        uint64_t ha = 0, hb = 0;
+        CHECK (cn_sysinfo_hash_text (cases[i].a, strlen (cases[i].a), &ha));
+        CHECK (cn_sysinfo_hash_text (cases[i].b, strlen (cases[i].b), &hb));
+        if (cases[i].equal)
+            CHECK (ha == hb);
+        cn_sysinfo_t *sa = cn_sysinfo_from_json (x), *sb = cn_sysinfo_from_json (y);
+        CHECK (cn_sysinfo_equal (sa, sb) == cases[i].equal);
+        if (cn_sysinfo_equal (sa, sb) != cases[i].equal)
+            printf ("  case %zu: %s vs %s\n", i, cases[i].a, cases[i].b);
+        CHECK (cn_sysinfo_equal (sa, sa));
+        CHECK (!cn_sysinfo_equal (sa, NULL));
+        CHECK (cn_sysinfo_equal (NULL, NULL));
+        cn_sysinfo_unref (&sa);
+        cn_sysinfo_unref (&sb);
+        json_decref (x);
+        json_decref (y);
+    }
+    /* the same document loaded and re-serialised */
+    cn_sysinfo_t *a = NULL;
+    char err[256];
+    CHECK_INT (cn_sysinfo_load (FIXTURE, strlen (FIXTURE), NULL, &a, err, sizeof err), 0);
+    json_t *t = cn_sysinfo_tree (a);
+    cn_sysinfo_t *b = cn_sysinfo_from_json (t);
+    CHECK (a->hashed && b->hashed && a->hash == b->hash);
+    CHECK (cn_sysinfo_equal (a, b));
+    cn_sysinfo_t *a2 = cn_sysinfo_ref (a);
+    CHECK (a2 == a);
+    CHECK_INT (a->refs, 2);
+    cn_sysinfo_unref (&a2);
+    CHECK (a2 == NULL);
+    CHECK_INT (a->refs, 1);
+    cn_sysinfo_unref (&a);
+    cn_sysinfo_unref (&b);
+    json_decref (t);
+    /* no text is no hash */
+    uint64_t h;
+    CHECK (!cn_sysinfo_hash_text ("{\"a\":", 5, &h));
+    CHECK (!cn_sysinfo_hash_text (NULL, 0, &h));
+}
+
+/* The writer's way (record and sysinfo apart) gives what the joined way does. */
+static void
+test_apply_sysinfo_si (void)
+{
+    char err[256];
+    cn_sysinfo_t *si = NULL, *si2 = NULL, *other = NULL;
+    CHECK_INT (cn_sysinfo_load (FIXTURE, strlen (FIXTURE), UUID_LC, &si, err, sizeof err), 0);
+    /* the same document, members reordered: unchanged */
+    json_t *t = json_loads (FIXTURE, 0, NULL);
+    char *sorted = json_dumps (t, JSON_SORT_KEYS);
+    CHECK_INT (cn_sysinfo_load (sorted, strlen (sorted), UUID_LC, &si2, err, sizeof err), 0);
+    CHECK (!si2 || strcmp (si2->text, si->text) != 0);
+    json_decref (t);
+    free (sorted);
+    char *moved = s_fixture_with ("Network Interfaces",
+                                  "{\"e0\":{\"MAC Address\":\"00:00:00:00:00:01\"}}");
+    CHECK_INT (cn_sysinfo_load (moved, strlen (moved), UUID_LC, &other, err, sizeof err), 0);
+    free (moved);
+
+    cn_sysinfo_ctx_t c = s_ctx (T0);
+    json_t *rec = NULL, *out = NULL;
+    CHECK_INT (cn_server_apply_sysinfo_si (NULL, NULL, si, &c, &rec), CN_SRV_WRITE);
+    CHECK (rec && json_object_get (rec, "sysinfo") == NULL);
+    /* the joined record is what cn_server_apply_sysinfo makes */
+    json_t *joined = s_new_record ();
+    json_t *mine = json_copy (rec);
+    json_t *tree = cn_sysinfo_tree (si);
+    json_object_set_new (mine, "sysinfo", tree);
+    CHECK (json_equal (mine, joined));
+    json_decref (mine);
+    json_decref (joined);
+
+    c = s_ctx (T0 + 1000);
+    CHECK_INT (cn_server_apply_sysinfo_si (rec, si, si, &c, &out), CN_SRV_UNCHANGED);
+    CHECK_INT (cn_server_apply_sysinfo_si (rec, si, si2, &c, &out), CN_SRV_UNCHANGED);
+    CHECK (out == NULL);
+    /* no stored sysinfo: a change */
+    CHECK_INT (cn_server_apply_sysinfo_si (rec, NULL, si, &c, &out), CN_SRV_WRITE);
+    json_decref (out);
+    /* other NICs: another machine; the report, without a sysinfo */
+    CHECK_INT (cn_server_apply_sysinfo_si (rec, si, other, &c, &out), CN_SRV_CONFLICT);
+    CHECK (out && json_object_get (out, "sysinfo") == NULL);
+    CHECK_INT (json_array_size (json_object_get (out, "uuid_conflicts")), 1);
+    json_decref (out);
+    json_decref (rec);
+    cn_sysinfo_unref (&si);
+    cn_sysinfo_unref (&si2);
+    cn_sysinfo_unref (&other);
+}
+
 static void
 test_new_server (void)
 {
@@ -1089,6 +1314,10 @@ main (void)
     RUN (test_apierr);
     RUN (test_parse_ok);
     RUN (test_parse_errors);
+    RUN (test_sysinfo_load_verdicts);
+    RUN (test_sysinfo_load_like);
+    RUN (test_sysinfo_equal);
+    RUN (test_apply_sysinfo_si);
     RUN (test_new_server);
     RUN (test_derivation_variants);
     RUN (test_operator_fields_kept);
