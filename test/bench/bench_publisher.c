@@ -21,6 +21,8 @@
  * <Q>.<k> as K cnapid instances hold them: not durable, each bound by
  * per-server keys (vm.event.<server>.*) to the servers it owns (server i to
  * instance i % K), so every event goes to its owner's queue only.
+ * --first-server N numbers the servers from N (several bench-publishers,
+ * each its own connection as each CN has, on disjoint servers and queues).
  *
  * T sender threads (default 1) each own S/T servers with V VMs each and make
  * M/T changes as fast as they can, pausing while more than 50,000 messages
@@ -133,10 +135,12 @@ s_sender (void *arg)
     return NULL;
 }
 
+static long s_first_server;     /* --first-server: the uuid of server 0 */
+
 static void
 s_server_uuid (long i, char out[48])
 {
-    snprintf (out, 48, "beef0000-0000-4000-8000-%012lx", (unsigned long) i);
+    snprintf (out, 48, "beef0000-0000-4000-8000-%012lx", (unsigned long) (s_first_server + i));
 }
 
 /* instances = 0: queue is one durable classic queue bound to every event.
@@ -202,7 +206,7 @@ main (int argc, char **argv)
     long messages = 200000, threads = 1, servers = 1000, vms = 10, window = 1000, instances = 0;
     bool keep = false, declare_only = false, delete_only = false, pregen = false;
     enum { O_URL = 256, O_MSG, O_THR, O_SRV, O_VMS, O_WIN, O_Q, O_KEEP, O_DECL, O_DEL, O_PRE,
-           O_INST };
+           O_INST, O_FIRST };
     static const struct option opts[] = {
         { "url", required_argument, NULL, O_URL },
         { "messages", required_argument, NULL, O_MSG },
@@ -216,6 +220,7 @@ main (int argc, char **argv)
         { "delete-only", no_argument, NULL, O_DEL },
         { "pregen", no_argument, NULL, O_PRE },
         { "instances", required_argument, NULL, O_INST },
+        { "first-server", required_argument, NULL, O_FIRST },
         { NULL, 0, NULL, 0 }
     };
     int ch;
@@ -233,10 +238,12 @@ main (int argc, char **argv)
         case O_DEL: delete_only = true; break;
         case O_PRE: pregen = true; break;
         case O_INST: instances = atol (optarg); break;
+        case O_FIRST: s_first_server = atol (optarg); break;
         default:
             fprintf (stderr, "usage: bench-publisher --url AMQP_URL [--messages M] [--threads T] "
                              "[--servers S] [--vms V] [--window W] [--queue Q] [--keep-queue] "
-                             "[--pregen] [--instances K] [--declare-only | --delete-only]\n");
+                             "[--pregen] [--instances K] [--first-server N] "
+                             "[--declare-only | --delete-only]\n");
             return 2;
         }
     }
