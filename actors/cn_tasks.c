@@ -2113,6 +2113,9 @@ s_on_tick (zloop_t *loop, int timer_id, void *arg)
     if (now >= self->next_sub_check_ms) {
         self->next_sub_check_ms = now + 1000;
         cn_redis_sub_check (self->sub);
+        /* the command connection too (within cn_redis's backoff), so that
+         * STATUS says "redis" from the start, not from the first publish */
+        (void) cn_redis_ok (self->redis);
     }
     if (zhashx_size (self->waits)
         && (now >= self->next_safety_ms

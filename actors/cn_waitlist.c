@@ -84,7 +84,7 @@ typedef struct {
     bool buckets_ready;
     zhashx_t *waiters;        /* ticket uuid -> zlistx_t of waiter_t* */
     size_t nwaiters;
-    int64_t last_poll_ms, last_sweep_ms, last_sub_try_ms;
+    int64_t last_poll_ms, last_sweep_ms, last_sub_try_ms, last_redis_try_ms;
     /* counters for STATUS */
     uint64_t requests, created, released, deleted, expired, activated, notices, polls,
         publish_failed, conflicts, wait_timeouts, replies_2xx, replies_4xx, replies_5xx;
@@ -933,6 +933,12 @@ s_on_tick (zloop_t *loop, int timer_id, void *arg)
     if (!cn_redis_sub_up (self->sub) && now - self->last_sub_try_ms >= SUB_RETRY_MS) {
         self->last_sub_try_ms = now;
         cn_redis_sub_try (self->sub);
+    }
+    /* the command connection too (within cn_redis's backoff), so that STATUS
+     * says "redis" from the start, not from the first publish */
+    if (now - self->last_redis_try_ms >= SUB_RETRY_MS) {
+        self->last_redis_try_ms = now;
+        (void) cn_redis_ok (self->redis);
     }
     /* poll the held tickets */
     int64_t every = cn_redis_sub_up (self->sub) ? POLL_UP_MS : POLL_DOWN_MS;
