@@ -111,7 +111,8 @@ typedef struct {
 
     /* counters */
     uint64_t received, batches, rows_written, unchanged, stale, conflicts, rejected,
-        failures, requests_failed_fast, retries, max_batch_seen, total_batched;
+        failures, requests_failed_fast, retries, max_batch_seen, total_batched,
+        stale_from_memory;
     uint64_t last_batch;
     double last_commit_ms;
     /* publish-to-commit latency of the last LAT_SAMPLES sysinfo messages that
@@ -727,9 +728,37 @@ s_process (self_t *self, s_req_t **reqs, size_t n)
         self->ahead_timer = zloop_timer (self->loop, 1, 1, s_ahead_timer, self);
 }
 
+/* VM events already covered by the record this writer last committed for
+ * their server are answered at once, without the store: each event comes
+ * twice, on the agent's session and over AMQP, and the second is stale
+ * (cn_server_vm_event_stale; seqs only grow, so what we committed is a
+ * lower bound of what is stored). Returns how many requests are left, in
+ * order, at the front of reqs. */
+static size_t
+s_answer_stale_events (self_t *self, s_req_t **reqs, size_t n)
+{
+    size_t kept = 0;
+    for (size_t i = 0; i < n; i++) {
+        s_req_t *req = reqs[i];
+        s_cached_t *c = req->kind == REQ_VM_EVENT ? zhashx_lookup (self->records, req->uuid)
+                                                  : NULL;
+        if (c && c->rec && cn_server_vm_event_stale (c->rec, req->vm_uuid, req->seq)) {
+            s_res_t res = { .ok = true, .status = 200, .outcome = "stale" };
+            self->stale++;
+            self->stale_from_memory++;
+            s_reply (self, req, &res);
+            s_req_destroy (&reqs[i]);
+            continue;
+        }
+        reqs[kept++] = req;
+    }
+    return kept;
+}
+
 static void
 s_process_batch (self_t *self, s_req_t **reqs, size_t n)
 {
+    n = s_answer_stale_events (self, reqs, n);
     if (n == 0)
         return;
     s_res_t *res = calloc (n, sizeof *res);
@@ -954,7 +983,7 @@ static zframe_t *
 s_status (self_t *self)
 {
     cn_msgw_t w;
-    cn_msgw_init (&w, "status", 27);
+    cn_msgw_init (&w, "status", 28);
     cn_msgw_str (&w, "actor", "writer");
     cn_msgw_str (&w, "state", !self->started ? "stopped"
                             : zlistx_size (self->retry) ? "backoff" : "running");
@@ -966,6 +995,7 @@ s_status (self_t *self)
     cn_msgw_uint (&w, "rows_written", self->rows_written);
     cn_msgw_uint (&w, "unchanged", self->unchanged);
     cn_msgw_uint (&w, "stale", self->stale);
+    cn_msgw_uint (&w, "stale_from_memory", self->stale_from_memory);
     cn_msgw_uint (&w, "conflicts", self->conflicts);
     cn_msgw_uint (&w, "rejected", self->rejected);
     cn_msgw_uint (&w, "failures", self->failures);

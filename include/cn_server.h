@@ -139,6 +139,12 @@ const char *cn_server_status_of (const cn_status_inputs_t *in, int64_t now_ms, i
  * objects (other members are skipped). */
 cn_srv_result_t cn_server_apply_vms (json_t *rec, const json_t *vms, int64_t now_ms);
 
+/* Whether an event of vm_uuid with seq is no newer than what rec holds (the
+ * VM's seq, or its remembered destroy's): cn_server_apply_vm_event would
+ * answer CN_SRV_STALE. Seqs only grow, so a stale event against an older
+ * copy of a record is stale against the stored one too. */
+bool cn_server_vm_event_stale (const json_t *rec, const char *vm_uuid, uint64_t seq);
+
 /* One VM event: event "destroy" removes the VM (and remembers the seq);
  * "create", "state", "update" store vm (an object, required) with its seq.
  * CN_SRV_WRITE (rec changed in place), CN_SRV_STALE (seq not newer), or

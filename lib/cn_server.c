@@ -977,6 +977,16 @@ cn_server_apply_vms (json_t *rec, const json_t *vms, int64_t now_ms)
     return CN_SRV_WRITE;
 }
 
+bool
+cn_server_vm_event_stale (const json_t *rec, const char *vm_uuid, uint64_t seq)
+{
+    int64_t have = s_vm_seq (json_object_get (json_object_get (rec, "vms"), vm_uuid));
+    int64_t tomb = s_tomb_seq (rec, vm_uuid);
+    if (tomb > have)
+        have = tomb;
+    return (int64_t) seq <= have;
+}
+
 cn_srv_result_t
 cn_server_apply_vm_event (json_t *rec, const char *vm_uuid, const char *event,
                           uint64_t seq, const json_t *vm, int64_t now_ms)
@@ -987,11 +997,7 @@ cn_server_apply_vm_event (json_t *rec, const char *vm_uuid, const char *event,
         json_object_set_new (rec, "vms", vms);
     }
     json_t *cur = json_object_get (vms, vm_uuid);
-    int64_t have = s_vm_seq (cur);
-    int64_t tomb = s_tomb_seq (rec, vm_uuid);
-    if (tomb > have)
-        have = tomb;
-    if ((int64_t) seq <= have)
+    if (cn_server_vm_event_stale (rec, vm_uuid, seq))
         return CN_SRV_STALE;
     if (strcmp (event, "destroy") == 0) {
         json_object_del (vms, vm_uuid);

@@ -1280,12 +1280,19 @@ test_vms (void)
     CHECK_INT (cn_server_apply_vm_event (rec, A, "state", 6, vm, 2000), CN_SRV_WRITE);
     CHECK_INT (cn_server_apply_vm_event (rec, A, "state", 6, vm, 2000), CN_SRV_STALE);
     CHECK_INT (cn_server_apply_vm_event (rec, A, "state", 3, vm, 2000), CN_SRV_STALE);
+    /* the writer's check without applying: the same verdicts */
+    CHECK (cn_server_vm_event_stale (rec, A, 6));
+    CHECK (cn_server_vm_event_stale (rec, A, 3));
+    CHECK (!cn_server_vm_event_stale (rec, A, 7));
+    CHECK (!cn_server_vm_event_stale (rec, "00000000-0000-4000-8000-0000000000ff", 1));
     vms = json_object_get (rec, "vms");
     CHECK_INT (json_integer_value (json_object_get (json_object_get (vms, A), "seq")), 6);
     /* destroy, then a late older event does not bring it back */
     CHECK_INT (cn_server_apply_vm_event (rec, A, "destroy", 7, NULL, 3000), CN_SRV_WRITE);
     CHECK (json_object_get (json_object_get (rec, "vms"), A) == NULL);
     CHECK_INT (cn_server_apply_vm_event (rec, A, "update", 6, vm, 3000), CN_SRV_STALE);
+    CHECK (cn_server_vm_event_stale (rec, A, 7));         /* the destroy's seq */
+    CHECK (!cn_server_vm_event_stale (rec, A, 8));
     /* nor does a hello that still reported it at an older seq */
     json_t *h2 = json_pack ("{s:{s:s,s:i}}", A, "state", "running", "seq", 6);
     cn_server_apply_vms (rec, h2, 4000);
