@@ -13,8 +13,10 @@
  * pass) are inserted in one transaction, and each is answered after that
  * one commit (a failed commit answers each 503/500). The POST to the
  * agent follows on the non-blocking HTTP client (at most tasks.per_agent
- * in flight per agent, each bounded by tasks.agent_timeout_ms). 202 marks the record
- * dispatched; anything else ends it "failure" with AgentUnreachable,
+ * in flight per agent, each bounded by tasks.agent_timeout_ms). A 202 is
+ * counted; the record says "dispatched" once the agent's first frame about
+ * the task is written (wherever its session is); anything else ends it
+ * "failure" with AgentUnreachable,
  * AgentPaused or AgentRefused.
  *
  * Results never travel in that HTTP request: the agent runs the task and
@@ -73,14 +75,6 @@
  * back to its sockets (the dispatches). */
 #define PASS_MAX 500
 #define CAS_ATTEMPTS 8
-/* 202s whose "dispatched" mark is written together, in one transaction,
- * every MARKS_MS (at most MARKS_MAX a pass): one commit for many tasks
- * instead of a read + CAS + commit each on the dispatch path (issue 4
- * benchmarks, docs/benchmarks.md "Tasks"). Every 100 ms, not 5: at 1,000
- * tasks/s the 5 ms marks were 200 transactions a second of PostgreSQL's
- * CPU, which the creations' commits wait for. */
-#define MARKS_MS 100
-#define MARKS_MAX 500
 #define POLL_DOWN_MS 1000           /* waits: store reads while the channel is down */
 #define POLL_SAFETY_MS 5000         /* ... and this often anyway */
 #define FRAME_RETRY_MS 1000
@@ -182,8 +176,6 @@ struct self {
     zhashx_t *addr;             /* server uuid -> srv_t: agent addresses read
                                  * within SRV_TTL_MS (found servers only) */
     uint64_t addr_hits;
-    char (*marks)[37];          /* task ids accepted (202), not yet marked */
-    size_t nmarks, capmarks;
     int64_t next_poll_ms, next_safety_ms, next_sweep_ms, next_sub_check_ms;
 
     /* counters */
@@ -370,78 +362,6 @@ s_apply_fail (json_t *rec, void *arg)
 {
     fail_arg_t *a = arg;
     return cn_task_fail (rec, a->code, a->message, cn_now_ms ());
-}
-
-/* Write the pending "dispatched" marks: lock the records, set the flag on
- * those still active, put them in one statement, commit. A failure is
- * logged and the marks are dropped (as a failed single write was). */
-static void
-s_flush_marks (self_t *self)
-{
-    size_t n = self->nmarks < MARKS_MAX ? self->nmarks : MARKS_MAX;
-    if (n == 0)
-        return;
-    const char **keys = calloc (n, sizeof *keys);
-    cn_mobj_t *objs = calloc (n, sizeof *objs);
-    cn_mop_t *ops = calloc (n, sizeof *ops);
-    char **texts = calloc (n, sizeof *texts);
-    if (!keys || !objs || !ops || !texts)
-        abort ();
-    for (size_t i = 0; i < n; i++)
-        keys[i] = self->marks[i];
-    size_t nops = 0;
-    int rc = s_bucket (self) ? cn_moray_begin (self->moray) : CN_MORAY_EIO;
-    if (rc == CN_MORAY_OK)
-        rc = cn_moray_get_many_locked (self->moray, CN_BUCKET_TASKS, keys, n, objs);
-    if (rc == CN_MORAY_OK) {
-        for (size_t i = 0; i < n; i++) {
-            if (!objs[i].key)
-                continue;
-            json_error_t jerr;
-            json_t *rec = json_loadb (objs[i].value, objs[i].value_len, 0, &jerr);
-            if (json_is_object (rec) && cn_task_set_dispatched (rec) > 0) {
-                texts[nops] = json_dumps (rec, JSON_COMPACT);
-                if (!texts[nops])
-                    abort ();
-                ops[nops] = (cn_mop_t) { .kind = CN_MOP_PUT, .bucket = CN_BUCKET_TASKS,
-                                         .key = keys[i], .value = texts[nops],
-                                         .etag = objs[i].etag };
-                nops++;
-            }
-            json_decref (rec);
-        }
-        if (nops)
-            rc = cn_moray_batch (self->moray, ops, nops, NULL);
-        if (rc == CN_MORAY_OK)
-            rc = cn_moray_commit (self->moray);
-    }
-    if (rc != CN_MORAY_OK) {
-        cn_moray_rollback (self->moray);
-        self->store_failures++;
-        s_set_error (self, "dispatched", cn_moray_errmsg (self->moray));
-        CN_WARN (COMPONENT, "cannot mark tasks dispatched", "{s:i,s:s}", "tasks", (int) n,
-                 "error", cn_moray_errmsg (self->moray));
-    }
-    for (size_t i = 0; i < n; i++)
-        cn_mobj_fini (&objs[i]);
-    for (size_t i = 0; i < nops; i++)
-        free (texts[i]);
-    free (keys);
-    free (objs);
-    free (ops);
-    free (texts);
-    memmove (self->marks, self->marks + n, (self->nmarks - n) * sizeof *self->marks);
-    self->nmarks -= n;
-}
-
-static void s_pump (self_t *self);
-
-static int
-s_on_marks (zloop_t *loop, int timer_id, void *arg)
-{
-    s_flush_marks (arg);
-    s_pump (arg);
-    return 0;
 }
 
 /* Service the agent connections between store batches (cn_httpc_pump). */
@@ -673,13 +593,10 @@ s_on_dispatch (self_t *self, hctx_t *h, const cn_httpc_res_t *res)
     char msg[256], snip[120];
     if (!res->err && res->status == 202) {
         self->dispatched++;
-        if (self->nmarks == self->capmarks) {
-            self->capmarks = self->capmarks ? self->capmarks * 2 : 256;
-            self->marks = realloc (self->marks, self->capmarks * sizeof *self->marks);
-            if (!self->marks)
-                abort ();
-        }
-        memcpy (self->marks[self->nmarks++], h->id, 37);
+        /* "dispatched" is written with the agent's first frame (B's frames
+         * pass), not here: a separate write of the same row from this
+         * instance cost PostgreSQL transactions and row-lock waits against
+         * the frames (issue 4 benchmarks) */
         return;
     }
     self->dispatch_failures++;
@@ -2232,7 +2149,6 @@ s_start (self_t *self, char *reason, size_t rlen)
     zloop_reader (self->loop, self->fsock, s_on_frames, self);
     zloop_reader (self->loop, self->ctl, s_on_ctl, self);
     zloop_timer (self->loop, TICK_MS, 0, s_on_tick, self);
-    zloop_timer (self->loop, MARKS_MS, 0, s_on_marks, self);
     /* the bucket now if the store answers; a store that is down is not
      * fatal (every use tries again) */
     if (!s_bucket (self))
@@ -2326,7 +2242,6 @@ cn_tasks_actor (zsock_t *pipe, void *args)
         json_decref (self->pc[i].agent_params);
     }
     free (self->pc);
-    free (self->marks);
     cn_moray_destroy (&self->moray);
     cn_redis_destroy (&self->redis);
     free (self);

@@ -44,17 +44,14 @@ json_t *cn_task_new (const cn_task_spec_t *spec);
 /* true when rec's status is "active". */
 bool cn_task_active (const json_t *rec);
 
-/* The agent accepted the task (202): dispatched = true. 1 changed, 0 not
- * (already set, or the task ended). */
-int cn_task_set_dispatched (json_t *rec);
-
-/* task_event: append {name, timestamp, event} to history, last_seq = seq.
- * 1 changed; 0 when the task ended or seq <= last_seq. */
+/* task_event: append {name, timestamp, event} to history, last_seq = seq,
+ * dispatched = true (the agent has the task). 1 changed; 0 when the task
+ * ended or seq <= last_seq. */
 int cn_task_apply_event (json_t *rec, uint64_t seq, const char *name, int64_t time_ms,
                          const json_t *event);
 
 /* task_end (status "complete" or "failure"; result / error may be NULL):
- * the end. 1 changed; 0 when the task ended already or seq <= last_seq;
+ * the end, dispatched = true. 1 changed; 0 when the task ended already or seq <= last_seq;
  * -1 when status is neither. */
 int cn_task_apply_end (json_t *rec, uint64_t seq, const char *status, int64_t time_ms,
                        const json_t *result, const json_t *error);

@@ -79,15 +79,6 @@ s_history (json_t *rec)
 }
 
 int
-cn_task_set_dispatched (json_t *rec)
-{
-    if (!cn_task_active (rec) || json_is_true (json_object_get (rec, "dispatched")))
-        return 0;
-    json_object_set_new (rec, "dispatched", json_true ());
-    return 1;
-}
-
-int
 cn_task_apply_event (json_t *rec, uint64_t seq, const char *name, int64_t time_ms,
                      const json_t *event)
 {
@@ -99,6 +90,7 @@ cn_task_apply_event (json_t *rec, uint64_t seq, const char *name, int64_t time_m
     json_object_set_new (e, "event", event ? json_deep_copy (event) : json_object ());
     json_array_append_new (s_history (rec), e);
     json_object_set_new (rec, "last_seq", json_integer ((json_int_t) seq));
+    json_object_set_new (rec, "dispatched", json_true ());
     return 1;
 }
 
@@ -136,6 +128,7 @@ cn_task_apply_end (json_t *rec, uint64_t seq, const char *status, int64_t time_m
            fail ? (err ? err : error) : NULL);
     json_decref (err);
     json_object_set_new (rec, "last_seq", json_integer ((json_int_t) seq));
+    json_object_set_new (rec, "dispatched", json_true ());
     return 1;
 }
 

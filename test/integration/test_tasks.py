@@ -533,10 +533,13 @@ class _StubAgent:
     def __init__(self):
         import http.server
 
+        received = self.received = []
+
         class H(http.server.BaseHTTPRequestHandler):
             def do_POST(self):
                 n = int(self.headers.get("Content-Length") or 0)
                 self.rfile.read(n)
+                received.append(self.headers.get("x-cnapi-task-id"))
                 body = json.dumps({"id": self.headers.get("x-cnapi-task-id")}).encode()
                 self.send_response(202)
                 self.send_header("Content-Type", "application/json")
@@ -599,15 +602,18 @@ def test_task_frames(t):
     su, a = _raw_server(t, d1, d2, stub.port)
     tid = _create_on_new_server(d1, su, {"ram": 64}, tick=a.hb)
 
-    def dispatched():
+    def delivered():
         a.hb()                  # the main thread is the only sender
-        return _db_rows(db)[tid]["dispatched"] or None
-    harness.wait_until(dispatched, timeout=10, interval=0.2, desc="the stub accepted the task")
+        return tid in stub.received or None
+    harness.wait_until(delivered, timeout=10, interval=0.2, desc="the stub accepted the task")
+    # "dispatched" is written with the agent's first frame, not on the 202
+    assert _db_rows(db)[tid]["dispatched"] is False
     now = wsagent.now_ms()
     ev = {"v": 1, "type": "task_event", "id": tid, "seq": 1, "name": "start",
           "event": {"pct": 0}, "time_ms": now}
     a.send_msg(ev)
     assert _recv_ack(a) == {"v": 1, "type": "task_ack", "id": tid, "seq": 1}
+    assert _db_rows(db)[tid]["dispatched"] is True  # acked after the commit
     a.send_msg(ev)                                  # again: acked, not applied
     assert _recv_ack(a)["seq"] == 1
     a.send_msg({"v": 1, "type": "task_end", "id": tid, "seq": 2, "status": "complete",

@@ -32,11 +32,12 @@ test_record (void)
     CHECK (cn_task_active (rec));
     CHECK_STR (json_string_value (json_object_get (rec, "timestamp")), "2026-11-18T11:06:40.123Z");
     CHECK_INT (cn_task_created_ms (rec), 1795000000123LL);
-    CHECK_INT (cn_task_set_dispatched (rec), 1);
-    CHECK_INT (cn_task_set_dispatched (rec), 0);
+    /* not dispatched until the agent's first frame is applied */
+    CHECK (json_is_false (json_object_get (rec, "dispatched")));
 
     json_t *ev = json_pack ("{s:i}", "pct", 50);
     CHECK_INT (cn_task_apply_event (rec, 1, "start", 1795000001000LL, NULL), 1);
+    CHECK (json_is_true (json_object_get (rec, "dispatched")));
     CHECK_INT (cn_task_apply_event (rec, 2, "progress", 1795000002000LL, ev), 1);
     /* the same seq again, and an older one: nothing */
     CHECK_INT (cn_task_apply_event (rec, 2, "progress", 1795000002000LL, ev), 0);
@@ -58,7 +59,12 @@ test_record (void)
     CHECK_INT (cn_task_apply_event (rec, 9, "late", 1795000009000LL, NULL), 0);
     CHECK_INT (cn_task_apply_end (rec, 9, "failure", 1795000009000LL, NULL, NULL), 0);
     CHECK_INT (cn_task_fail (rec, "DispatchLost", "x", 1795000009000LL), 0);
-    CHECK_INT (cn_task_set_dispatched (rec), 0);
+    {
+        json_t *r2 = s_new ();
+        CHECK_INT (cn_task_apply_end (r2, 1, "failure", 1795000001000LL, NULL, NULL), 1);
+        CHECK (json_is_true (json_object_get (r2, "dispatched")));
+        json_decref (r2);
+    }
     CHECK_STR (json_string_value (json_object_get (rec, "status")), "complete");
 
     json_t *v = cn_task_view (rec);
