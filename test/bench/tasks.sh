@@ -3,7 +3,7 @@
 #
 #   test/bench/tasks.sh [--cns N] [--rates "100 500 1000"] [--seconds S]
 #                       [--threads T] [--waits "200@100 1000@500"] [--max-s S]
-#                       [--per-agent P] [--mc-threads T]
+#                       [--per-agent P] [--mc-threads T] [--loadgen c|py]
 #
 # Three cnapid instances on 127.0.0.2 (A), 127.0.0.3 (B), 127.0.0.4 (C),
 # one store, one Redis. DNS names only B while mockcloud starts, so every
@@ -13,7 +13,9 @@
 # and tasks.per_agent caps requests in flight per endpoint: the instances
 # run with tasks.per_agent P (default 128) so that 100 CNs are not modelled
 # as one agent with 8 slots (each real CN has its own endpoint and cap).
-# 1. Dispatch latency: test/bench/tasks_tool.py dispatch: POST
+# 1. Dispatch latency: task-load (test/bench/task_load.c; --loadgen py:
+#    test/bench/tasks_tool.py dispatch, the same requests, pacing and output
+#    at ~10x the CPU): POST
 #    /servers/:uuid/vms/:vm/update ({}) on A at each rate for S seconds
 #    (open loop, T threads with a keep-alive connection each). Each answer
 #    comes after the record committed. Latency = the agent's `start` event
@@ -34,7 +36,7 @@
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/sessions_lib.sh"
 CNS=100 RATES="100 500 1000" SECS=10 THREADS=16 WAITS="200@100 1000@500" MAXS=10 PER_AGENT=128
-MCTHREADS=1
+MCTHREADS=1 LOADGEN=c
 while [ $# -gt 0 ]; do
   case "$1" in
     --cns) CNS=$2; shift 2 ;;
@@ -45,7 +47,8 @@ while [ $# -gt 0 ]; do
     --max-s) MAXS=$2; shift 2 ;;
     --per-agent) PER_AGENT=$2; shift 2 ;;
     --mc-threads) MCTHREADS=$2; shift 2 ;;
-    *) sed -n "2,33p" "$0"; exit 2 ;;
+    --loadgen) LOADGEN=$2; shift 2 ;;
+    *) sed -n "2,35p" "$0"; exit 2 ;;
   esac
 done
 TT="$PY $ROOT/test/bench/tasks_tool.py"
@@ -97,13 +100,31 @@ drain() {
 }
 cnapid_cpu() { local i s=""; for i in 1 2 3; do s+="$(cpu_ticks "${CNAPID_PID[$i]}") "; done; echo "$s"; }
 
+# load: dispatch|max, then tasks_tool.py's options (--url URL --prefix ...)
+ninja -C "$BUILD" task-load >/dev/null
+load() {
+  local mode=$1
+  shift
+  if [ "$LOADGEN" = py ]; then $TT "$mode" "$@"; return; fi
+  local args=() url=""
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --url) url=$2; shift 2 ;;
+      *) args+=("$1"); shift ;;
+    esac
+  done
+  local hp=${url#http://}
+  [ "$mode" = max ] && args+=(--closed)
+  "$BUILD/task-load" --host "${hp%:*}" --port "${hp##*:}" "${args[@]}"
+}
+
 for r in $RATES; do
   # warm-up (connections, caches) then the run
-  $TT dispatch --url "$A" --prefix "$PREFIX" --cns "$CNS" --rate 100 --seconds 1 \
+  load dispatch --url "$A" --prefix "$PREFIX" --cns "$CNS" --rate 100 --seconds 1 \
       --threads "$THREADS" >/dev/null
   l0=$(loadavg); c0=$(cnapid_cpu)
   echo "== dispatch on A, sessions on B: $r tasks/s for ${SECS}s, $THREADS threads (load before $l0)"
-  $TT dispatch --url "$A" --prefix "$PREFIX" --cns "$CNS" --rate "$r" --seconds "$SECS" \
+  load dispatch --url "$A" --prefix "$PREFIX" --cns "$CNS" --rate "$r" --seconds "$SECS" \
       --threads "$THREADS" --out "$STATE/sent-$r.txt" | sed 's/^/   client: /'
   c1=$(cnapid_cpu)
   echo "   all ended after the run: $(drain)"
@@ -120,7 +141,7 @@ done
 
 l0=$(loadavg)
 echo "== max: $THREADS closed-loop senders on A for ${MAXS}s (load before $l0)"
-$TT max --url "$A" --prefix "$PREFIX" --cns "$CNS" --seconds "$MAXS" --threads "$THREADS" \
+load max --url "$A" --prefix "$PREFIX" --cns "$CNS" --seconds "$MAXS" --threads "$THREADS" \
     --out "$STATE/sent-max.txt" | sed 's/^/   client: /'
 echo "   all ended after the run: $(drain)"
 records
