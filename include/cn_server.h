@@ -105,11 +105,7 @@ cn_srv_result_t cn_server_apply_sysinfo_si (const json_t *existing, const cn_sys
 const char *cn_server_status (const json_t *rec, int64_t now_ms, int freshness_s,
                               const cn_liveness_t *live);
 
-/* The record's last heartbeat in ms: the session row's last_heartbeat when
- * live holds a row for it, else last_sysinfo. false when there is none. */
-bool cn_server_last_heartbeat (const json_t *rec, const cn_liveness_t *live, int64_t *ms);
-
-/* Everything cn_server_status and cn_server_last_heartbeat read from a
+/* Everything a server's status and last heartbeat derive from in its
  * record, taken out once: the gateway's near cache keeps this instead of
  * the record and computes each response's status without touching JSON. */
 typedef struct {
@@ -122,7 +118,9 @@ typedef struct {
 void cn_server_status_inputs (const json_t *rec, cn_status_inputs_t *out);
 
 /* cn_server_status of the record in (same rules); when hb is not NULL it
- * also receives cn_server_last_heartbeat's value, 0 when there is none. */
+ * also receives the record's last heartbeat in ms, 0 when there is none:
+ * the session row's last_heartbeat when live holds a row for it, else
+ * last_sysinfo. */
 const char *cn_server_status_of (const cn_status_inputs_t *in, int64_t now_ms, int freshness_s,
                                  const cn_liveness_t *live, int64_t *hb);
 

@@ -885,19 +885,6 @@ cn_server_status (const json_t *rec, int64_t now_ms, int freshness_s,
     return cn_server_status_of (&in, now_ms, freshness_s, live, NULL);
 }
 
-bool
-cn_server_last_heartbeat (const json_t *rec, const cn_liveness_t *live, int64_t *ms)
-{
-    cn_status_inputs_t in;
-    int64_t hb = 0;
-    cn_server_status_inputs (rec, &in);
-    cn_server_status_of (&in, 0, 0, live, &hb);
-    if (hb == 0)
-        return false;
-    *ms = hb;
-    return true;
-}
-
 /* ---- VMs ---- */
 
 #define S_VM_TOMBSTONES_MAX 1000
@@ -1516,11 +1503,14 @@ cn_server_render (const json_t *rec, bool full, unsigned extras,
 
     json_object_del (out, "vms_destroyed");
 
+    /* status and last heartbeat from one look at the record and the table */
+    cn_status_inputs_t in;
+    cn_server_status_inputs (rec, &in);
+    int64_t last = 0;
     json_object_set_new (out, "status",
-                         json_string (cn_server_status (rec, now_ms, freshness_s, live)));
+                         json_string (cn_server_status_of (&in, now_ms, freshness_s, live, &last)));
     if (full || extras) {
-        int64_t last;
-        if (cn_server_last_heartbeat (rec, live, &last))
+        if (last != 0)
             s_set_iso (out, "last_heartbeat", last);
         else
             json_object_set_new (out, "last_heartbeat", json_null ());
