@@ -103,27 +103,6 @@ cn_backend_reply_free (cn_backend_reply_t **p)
 }
 
 size_t
-cn_backend_splice_status (char *out, const char *status, const char *view, size_t view_len)
-{
-    size_t sl = strlen (status);
-    char *o = out;
-    memcpy (o, "{\"status\":\"", 11);
-    o += 11;
-    memcpy (o, status, sl);
-    o += sl;
-    *o++ = '"';
-    if (view_len > 2) {
-        *o++ = ',';
-        memcpy (o, view + 1, view_len - 1);
-        o += view_len - 1;
-    }
-    else
-        *o++ = '}';
-    *o = 0;
-    return (size_t) (o - out);
-}
-
-size_t
 cn_backend_view_head (char *out, const char *status, int64_t last_heartbeat_ms, size_t view_len)
 {
     char *o = out;

@@ -76,18 +76,13 @@ void cn_backend_reply_free (cn_backend_reply_t **p);
  * 0.14999999999999999. */
 #define CN_BACKEND_JSON_FLAGS (JSON_COMPACT | JSON_REAL_PRECISION (16))
 
-/* Write {"status":"<status>",<view without its leading '{'> into out
- * (room for view_len + strlen (status) + 16 bytes); view is a JSON object's
- * text starting with '{'. Returns the length written (NUL-terminated). */
-size_t cn_backend_splice_status (char *out, const char *status, const char *view,
-                                 size_t view_len);
-
 /* Write {"status":"<status>","last_heartbeat":<ISO string or null>,<view
  * without its leading '{'> into out (room for view_len + strlen (status) +
  * 64 bytes); last_heartbeat_ms <= 0 writes null. view is a JSON object's
- * text starting with '{' and holding neither member. Both the backend and
- * the gateway's near cache build GET /servers/:uuid bodies with this, so
- * both answer the same bytes. Returns the length written (NUL-terminated). */
+ * text starting with '{' and holding neither member. The backend builds
+ * GET /servers/:uuid bodies with this and the gateway's near cache sends
+ * cn_backend_view_head's part and then the view, so both answer the same
+ * bytes. Returns the length written (NUL-terminated). */
 size_t cn_backend_splice_view (char *out, const char *status, int64_t last_heartbeat_ms,
                                const char *view, size_t view_len);
 
