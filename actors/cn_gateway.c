@@ -670,11 +670,11 @@ s_nc_answer (gw_t *gw, h2o_req_t *req, const char *uuid, h2o_iovec_t req_id,
     /* status and last_heartbeat are per response: the session status table
      * is read here (one hash lookup under its read lock); the body is that
      * head, then the cached view itself (no copy: the request's pool holds a
-     * reference until the response is written) */
-    /* the view is cold (any of thousands of servers): start loading its
-     * reference count (just before it) and first bytes now, so those misses
-     * overlap the status table's */
-    __builtin_prefetch (e->view - 2 * sizeof (size_t), 1);
+     * reference until the response is written). The view is cold (any of
+     * thousands of servers): its reference count and first bytes start
+     * loading now, so those misses overlap the status table's. */
+    __builtin_prefetch (H2O_STRUCT_FROM_MEMBER (struct st_h2o_mem_pool_shared_entry_t, bytes,
+                                                e->view), 1);
     __builtin_prefetch (e->view + 64, 0);
     int64_t hb = 0;
     const char *st = cn_server_status_of (&e->status_in, cn_now_ms (),

@@ -416,7 +416,7 @@ s_connector_done (self_t *self)
 /* ---- acks ---- */
 
 /* basic.ack of dtag, or of every outstanding delivery up to it (multiple);
- * counts covers how many that is. false when the connection dropped. */
+ * covers: how many deliveries that is. false when the connection dropped. */
 static bool
 s_ack (self_t *self, uint64_t dtag, bool multiple, size_t covers)
 {

@@ -886,16 +886,17 @@ s_addr_remember (self_t *self, const char *uuid, const srv_t *sv)
     zhashx_update (self->addr, uuid, copy);
 }
 
-/* A remembered address still fresh enough: into the pass's table. */
-static bool
+/* A remembered address still fresh enough: copied into the pass's table,
+ * and that copy returned; else NULL. */
+static srv_t *
 s_addr_recall (self_t *self, const char *uuid)
 {
     srv_t *a = zhashx_lookup (self->addr, uuid);
     if (!a)
-        return false;
+        return NULL;
     if (cn_now_ms () - a->read_ms >= SRV_TTL_MS) {
         zhashx_delete (self->addr, uuid);
-        return false;
+        return NULL;
     }
     srv_t *sv = malloc (sizeof *sv);
     if (!sv)
@@ -903,7 +904,7 @@ s_addr_recall (self_t *self, const char *uuid)
     *sv = *a;
     zhashx_insert (self->srv, uuid, sv);
     self->addr_hits++;
-    return true;
+    return sv;
 }
 
 static int
@@ -975,8 +976,8 @@ static int
 s_server (self_t *self, rctx_t *c, char *ip, size_t iplen, int *port)
 {
     srv_t *sv = zhashx_lookup (self->srv, c->uuid);
-    if (!sv && s_addr_recall (self, c->uuid))
-        sv = zhashx_lookup (self->srv, c->uuid);
+    if (!sv)
+        sv = s_addr_recall (self, c->uuid);
     if (!sv) {
         sv = calloc (1, sizeof *sv);
         if (!sv)
