@@ -77,6 +77,27 @@ def free_port(address="127.0.0.1"):
         s.close()
 
 
+def common_port(addresses, tries=50):
+    """One TCP port free on every address right now (the instances of a
+    test share one port on 127.0.0.2.., as DNS names no port)."""
+    for _ in range(tries):
+        port = free_port(addresses[0])
+        ok = True
+        for a in addresses[1:]:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind((a, port))
+            except OSError:
+                ok = False
+            finally:
+                s.close()
+            if not ok:
+                break
+        if ok:
+            return port
+    raise AssertionError("no port free on all of %s" % addresses)
+
+
 def port_open(address, port, timeout=0.5):
     try:
         with socket.create_connection((address, port), timeout=timeout):

@@ -15,7 +15,6 @@ them) and one build/mockcloud whose CNs report its agent endpoint (--listen
 """
 
 import json
-import socket
 import subprocess
 import time
 
@@ -47,23 +46,6 @@ def _install_node_deps():
                        cwd=str(NODE_DIR), capture_output=True, text=True, timeout=30)
     assert v.returncode == 0, v.stderr
     return v.stdout.strip()
-
-
-def _common_port(addresses):
-    for _ in range(50):
-        port = harness.free_port(addresses[0])
-        ok = True
-        for a in addresses[1:]:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                s.bind((a, port))
-            except OSError:
-                ok = False
-            finally:
-                s.close()
-        if ok:
-            return port
-    raise AssertionError("no port free on all of %s" % addresses)
 
 
 def _statuses(d):
@@ -138,7 +120,7 @@ def setup_module(ctx):
     ctx.url = harness.fresh_vhost(stack)
     ctx.db, redis = harness.fresh_db(stack), harness.fresh_redis(stack)
     addrs = ["127.0.0.%d" % (i + 2) for i in range(3)]
-    port = _common_port(addrs)
+    port = harness.common_port(addrs)
     ctx.ds = []
     for i, a in enumerate(addrs):
         d = harness.Cnapid(ctx.tmp, stack, name="cnapi-%d" % (i + 1), address=a, port=port,

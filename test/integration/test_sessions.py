@@ -16,7 +16,6 @@ directory) must fit a Unix socket name."""
 
 import json
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -80,24 +79,6 @@ def _all_running(d, uuids):
     return all(st.get(u) == "running" for u in uuids) or None
 
 
-def _common_port(addresses):
-    """A TCP port free on every address right now."""
-    for _ in range(50):
-        port = harness.free_port(addresses[0])
-        ok = True
-        for a in addresses[1:]:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                s.bind((a, port))
-            except OSError:
-                ok = False
-            finally:
-                s.close()
-        if ok:
-            return port
-    raise AssertionError("no port free on all of %s" % addresses)
-
-
 def _cluster(t, n, dns=None):
     """n instances on 127.0.0.2.. sharing one port, store, vhost and Redis;
     the DNS name lists them (or the instances in dns). Returns
@@ -105,7 +86,7 @@ def _cluster(t, n, dns=None):
     url, db, redis = t.fresh_vhost(), t.fresh_db(), t.fresh_redis()
     t.cleanup(t.stack.dns_set)      # last: the name does not resolve again
     addrs = ["127.0.0.%d" % (i + 2) for i in range(n)]
-    port = _common_port(addrs)
+    port = harness.common_port(addrs)
     ds = [t.cnapid(name="cnapi-%d" % (i + 1), address=addrs[i], port=port, amqp_url=url,
                    pg_conninfo=db, redis_url=redis) for i in range(n)]
     _dns(t, [d.address for d in (ds if dns is None else dns(ds))])

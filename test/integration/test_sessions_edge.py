@@ -33,32 +33,12 @@ CLOSED_LIMIT_S = 1.5
 
 # ------------------------------------------------------------------ helpers
 
-def _common_port(addresses, tries=50):
-    """One TCP port free on every address right now."""
-    for _ in range(tries):
-        p = harness.free_port(addresses[0])
-        ok = True
-        for a in addresses[1:]:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                s.bind((a, p))
-            except OSError:
-                ok = False
-            finally:
-                s.close()
-            if not ok:
-                break
-        if ok:
-            return p
-    raise AssertionError("no port free on all of %s" % addresses)
-
-
 def _cluster(t, n=3, session=None, dns=True, extra_addresses=("127.0.0.5",)):
     """n cnapid instances (cnapi-1 on 127.0.0.2, ...) on one port, sharing a
     vhost, a database and a Redis database; the DNS name lists them all."""
     url, db, redis = t.fresh_vhost(), t.fresh_db(), t.fresh_redis()
     addrs = ["127.0.0.%d" % (i + 2) for i in range(n)]
-    port = _common_port(addrs + list(extra_addresses))
+    port = harness.common_port(addrs + list(extra_addresses))
     cfg = {"session": dict(session or {})} if session else None
     ds = [t.cnapid(name="cnapi-%d" % (i + 1), address=addrs[i], port=port, amqp_url=url,
                    pg_conninfo=db, redis_url=redis, config=cfg, log_level="info")

@@ -41,29 +41,12 @@ def _tasks_status(d):
     return _ctl(d, "actors")["tasks"]
 
 
-def _common_port(addresses):
-    for _ in range(50):
-        port = harness.free_port(addresses[0])
-        ok = True
-        for a in addresses[1:]:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                s.bind((a, port))
-            except OSError:
-                ok = False
-            finally:
-                s.close()
-        if ok:
-            return port
-    raise AssertionError("no port free on all of %s" % addresses)
-
-
 def _cluster(t, n, config=None):
     """n instances on 127.0.0.2.. sharing one port, store, vhost and Redis;
     the DNS name lists them all. Returns (amqp_url, conninfo, [Cnapid])."""
     url, db, redis = t.fresh_vhost(), t.fresh_db(), t.fresh_redis()
     addrs = ["127.0.0.%d" % (i + 2) for i in range(n)]
-    port = _common_port(addrs)
+    port = harness.common_port(addrs)
     ds = [t.cnapid(name="cnapi-%d" % (i + 1), address=addrs[i], port=port, amqp_url=url,
                    pg_conninfo=db, redis_url=redis, config=config or TASKS_CFG)
           for i in range(n)]
