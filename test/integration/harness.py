@@ -617,7 +617,77 @@ def http_request(address, port, method, path, body=None, headers=None, timeout=5
         c.close()
 
 
-class Cnapid:
+class _Daemon:
+    """What Cnapid and Mockcloud share: a child process (self.proc, or None
+    before start) writing its log to self.log_path, named self.name.
+    Subclasses define _forget(): drop it from the live list, close what the
+    harness holds for it (log file, reader thread)."""
+
+    SANITIZER_MARKS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:")
+
+    @property
+    def pid(self):
+        return self.proc.pid if self.proc else None
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self):
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, n=30):
+        return "\n".join(self.log_text().splitlines()[-n:])
+
+    def _forget(self):
+        raise NotImplementedError
+
+    def _terminate(self, timeout):
+        """SIGTERM and wait up to timeout, then SIGKILL. True when it was
+        running (a stop, not the reaping of a process already gone)."""
+        terminated = self.proc.poll() is None
+        if terminated:
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        return terminated
+
+    def check_clean_exit(self):
+        """After a SIGTERM stop: exit status 0 and no sanitizer report in
+        this run's log (ASan, LSan, UBSan), else AssertionError."""
+        text = self.log_text()
+        text = text[text.rfind("--- start"):] if "--- start" in text else text
+        marks = [m for m in self.SANITIZER_MARKS if m in text]
+        if marks:
+            raise AssertionError("%s: sanitizer report at exit (%s):\n%s"
+                                 % (self.name, ", ".join(marks), self.log_tail(40)))
+        if self.proc.returncode != 0:
+            raise AssertionError("%s exited with status %s after SIGTERM:\n%s"
+                                 % (self.name, self.proc.returncode, self.log_tail(20)))
+
+    def kill9(self):
+        """SIGKILL and reap. Returns the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=10)
+        self._forget()
+        return self.proc.returncode
+
+
+class Cnapid(_Daemon):
     """One cnapid process with its own JSON config in tmpdir.
 
         d = Cnapid(tmp, stack, name="cnapi-1", amqp_url=fresh_vhost(stack),
@@ -709,28 +779,12 @@ class Cnapid:
         return self
 
     @property
-    def pid(self):
-        return self.proc.pid if self.proc else None
-
-    @property
     def url(self):
         return "http://%s:%d" % (self.address, self.port)
-
-    def running(self):
-        return self.proc is not None and self.proc.poll() is None
 
     @property
     def returncode(self):
         return self.proc.poll() if self.proc else None
-
-    def log_text(self):
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, n=30):
-        return "\n".join(self.log_text().splitlines()[-n:])
 
     def wait_ready(self, timeout=20.0, until=None):
         """Poll GET /ping until it answers HTTP at all (any status), or, with
@@ -774,51 +828,13 @@ class Cnapid:
         SIGKILL. Returns the exit status (negative: killed by a signal)."""
         if self.proc is None:
             return None
-        terminated = self.proc.poll() is None
-        if terminated:
-            try:
-                self.proc.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        terminated = self._terminate(timeout)
         deadline = time.monotonic() + 5
         while port_open(self.address, self.port, 0.2) and time.monotonic() < deadline:
             time.sleep(0.05)
         self._forget()
         if terminated:      # not for a process that was already gone (kill9)
             self.check_clean_exit()
-        return self.proc.returncode
-
-    SANITIZER_MARKS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:")
-
-    def check_clean_exit(self):
-        """After a SIGTERM stop: exit status 0 and no sanitizer report in
-        this run's log (ASan, LSan, UBSan), else AssertionError."""
-        text = self.log_text()
-        text = text[text.rfind("--- start"):] if "--- start" in text else text
-        marks = [m for m in self.SANITIZER_MARKS if m in text]
-        if marks:
-            raise AssertionError("%s: sanitizer report at exit (%s):\n%s"
-                                 % (self.name, ", ".join(marks), self.log_tail(40)))
-        if self.proc.returncode != 0:
-            raise AssertionError("%s exited with status %s after SIGTERM:\n%s"
-                                 % (self.name, self.proc.returncode, self.log_tail(20)))
-
-    def kill9(self):
-        """SIGKILL and reap. Returns the exit status."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            try:
-                self.proc.kill()
-            except ProcessLookupError:
-                pass
-        self.proc.wait(timeout=10)
-        self._forget()
         return self.proc.returncode
 
     def signal(self, sig):
@@ -864,7 +880,7 @@ def mockcloud_uuid(prefix, i):
     return "%s-0000-4000-8000-%012x" % (prefix, i)
 
 
-class Mockcloud:
+class Mockcloud(_Daemon):
     """One mockcloud process (build/mockcloud --stats): `count` simulated CNs
     holding agent sessions to the instances behind the stack's DNS name.
 
@@ -959,13 +975,6 @@ class Mockcloud:
                 self._cond.notify_all()
         proc.stdout.close()
 
-    @property
-    def pid(self):
-        return self.proc.pid if self.proc else None
-
-    def running(self):
-        return self.proc is not None and self.proc.poll() is None
-
     def stats(self):
         """The latest stats line (a dict), or None before the first."""
         with self._cond:
@@ -991,16 +1000,7 @@ class Mockcloud:
                                        self.running(), self._latest, self.log_tail(15)))
                 self._cond.wait(min(left, 0.5))
 
-    def log_text(self):
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, n=30):
-        return "\n".join(self.log_text().splitlines()[-n:])
-
-    def _reap(self):
+    def _forget(self):
         if self._reader is not None:
             self._reader.join(timeout=10)
         with _live_lock:
@@ -1017,44 +1017,10 @@ class Mockcloud:
         the exit status."""
         if self.proc is None:
             return None
-        terminated = self.proc.poll() is None
-        if terminated:
-            try:
-                self.proc.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._reap()
+        terminated = self._terminate(timeout)
+        self._forget()
         if terminated:
             self.check_clean_exit()
-        return self.proc.returncode
-
-    def check_clean_exit(self):
-        text = self.log_text()
-        text = text[text.rfind("--- start"):] if "--- start" in text else text
-        marks = [m for m in Cnapid.SANITIZER_MARKS if m in text]
-        if marks:
-            raise AssertionError("%s: sanitizer report at exit (%s):\n%s"
-                                 % (self.name, ", ".join(marks), self.log_tail(40)))
-        if self.proc.returncode != 0:
-            raise AssertionError("%s exited with status %s after SIGTERM:\n%s"
-                                 % (self.name, self.proc.returncode, self.log_tail(20)))
-
-    def kill9(self):
-        """SIGKILL and reap. Returns the exit status."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            try:
-                self.proc.kill()
-            except ProcessLookupError:
-                pass
-        self.proc.wait(timeout=10)
-        self._reap()
         return self.proc.returncode
 
     def __repr__(self):
