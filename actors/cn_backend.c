@@ -273,11 +273,7 @@ s_begin_server (backend_t *self, const cn_msg_t *m, rctx_t *c)
 {
     cn_apierr_t e;
     memset (&e, 0, sizeof e);
-    json_t *params = cn_params_parse (m, &e);
-    if (params && !cn_params_server_uuid (m, c->uuid, &e)) {
-        json_decref (params);
-        params = NULL;
-    }
+    json_t *params = cn_params_parse_server (m, c->uuid, &e);
     if (!params) {
         s_reply_apierr (self, c->id, c->req_id, &e);
         cn_apierr_fini (&e);

@@ -488,11 +488,7 @@ s_execute (self_t *self, const cn_msg_t *m, uint64_t id, const char *req_id)
     cn_apierr_t e;
     memset (&e, 0, sizeof e);
     char uuid[37];
-    json_t *params = cn_params_parse (m, &e);
-    if (params && !cn_params_server_uuid (m, uuid, &e)) {
-        json_decref (params);
-        params = NULL;
-    }
+    json_t *params = cn_params_parse_server (m, uuid, &e);
     if (!params) {
         s_reply_apierr (self, id, req_id, &e);
         cn_apierr_fini (&e);

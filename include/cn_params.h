@@ -38,6 +38,11 @@ bool cn_params_strict (const json_t *params, const char *const *allowed, cn_apie
  * not a UUID. */
 bool cn_params_server_uuid (const cn_msg_t *m, char uuid[37], cn_apierr_t *e);
 
+/* The start of every /servers/:uuid route: cn_params_parse, then
+ * cn_params_server_uuid into uuid. The parameters (new reference), or NULL
+ * with e set by whichever failed first. */
+json_t *cn_params_parse_server (const cn_msg_t *m, char uuid[37], cn_apierr_t *e);
+
 /* JavaScript truthiness of a parameter value (NULL is false). */
 bool cn_params_truthy (const json_t *v);
 

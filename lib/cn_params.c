@@ -220,3 +220,14 @@ cn_params_server_uuid (const cn_msg_t *m, char uuid[37], cn_apierr_t *e)
     cn_apierr_set (e, 409, "InvalidArgument", "Invalid server UUID%s%s", *tmp ? ": " : "", tmp);
     return false;
 }
+
+json_t *
+cn_params_parse_server (const cn_msg_t *m, char uuid[37], cn_apierr_t *e)
+{
+    json_t *params = cn_params_parse (m, e);
+    if (params && !cn_params_server_uuid (m, uuid, e)) {
+        json_decref (params);
+        params = NULL;
+    }
+    return params;
+}

@@ -7,6 +7,8 @@
 #include <string.h>
 
 #include "cn_server.h"
+#include "cn_msg.h"
+#include "cn_params.h"
 #include "cn_test.h"
 
 /* A compute node's sysinfo, shaped like SmartOS's /usr/bin/sysinfo output
@@ -1314,6 +1316,52 @@ test_vms (void)
     json_decref (rec);
 }
 
+/* cn_params_parse_server: the parameters of a /servers/:uuid route, the
+ * body checked before the uuid (as each route did it by hand) */
+static json_t *
+s_parse_server (const char *uuid, const char *body, char out[37], cn_apierr_t *e)
+{
+    cn_msgw_t w;
+    cn_msgw_init (&w, "server_get", 1 + (body != NULL));
+    cn_msgw_str (&w, "uuid", uuid);
+    if (body)
+        cn_msgw_str (&w, "body", body);
+    char *data;
+    size_t size;
+    cn_msgw_take (&w, &data, &size);
+    cn_msg_t m;
+    char err[128];
+    json_t *params = NULL;
+    if (cn_msg_parse (&m, data, size, err, sizeof err) == 0) {
+        params = cn_params_parse_server (&m, out, e);
+        cn_msg_fini (&m);
+    }
+    free (data);
+    return params;
+}
+
+static void
+test_params_parse_server (void)
+{
+    char uuid[37] = "";
+    cn_apierr_t e = { 0 };
+    json_t *p = s_parse_server ("564D1B2A-8F2E-4C1D-9A3B-2F6E7D8C9B0A", "{\"ram\":64}", uuid, &e);
+    CHECK (json_is_object (p));
+    CHECK_INT (json_integer_value (json_object_get (p, "ram")), 64);
+    CHECK_STR (uuid, "564d1b2a-8f2e-4c1d-9a3b-2f6e7d8c9b0a");
+    json_decref (p);
+    p = s_parse_server ("nope", "{}", uuid, &e);
+    CHECK (p == NULL);
+    CHECK_INT (e.status, 409);
+    CHECK_STR (e.message, "Invalid server UUID: nope");
+    cn_apierr_fini (&e);
+    memset (&e, 0, sizeof e);
+    p = s_parse_server ("nope", "[1]", uuid, &e);      /* the body first */
+    CHECK (p == NULL);
+    CHECK_INT (e.status, 400);
+    cn_apierr_fini (&e);
+}
+
 int
 main (void)
 {
@@ -1337,5 +1385,6 @@ main (void)
     RUN (test_render);
     RUN (test_update);
     RUN (test_vms);
+    RUN (test_params_parse_server);
     return cn_test_done ();
 }
