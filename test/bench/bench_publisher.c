@@ -9,7 +9,7 @@
  *
  *   bench-publisher --url AMQP_URL [--messages M] [--threads T] [--servers S]
  *                   [--vms V] [--window W] [--queue Q] [--keep-queue]
- *                   [--instances K] [--declare-only | --delete-only]
+ *                   [--instances K] [--publishers P] [--declare-only | --delete-only]
  *
  * --queue Q (default bench.vmevents) is declared durable (classic) and bound
  * to vm.event.# first, so every event is routed to a queue and written by the
@@ -23,6 +23,19 @@
  * instance i % K), so every event goes to its owner's queue only.
  * --first-server N numbers the servers from N (several bench-publishers,
  * each its own connection as each CN has, on disjoint servers and queues).
+ *
+ * --publishers P (default 1): P cn_publishers, each its own connection and
+ * thread, as P agent processes (each CN has its own connection); sender
+ * thread t uses publisher t % P (T defaults to P), so the servers are split
+ * between them. One clock for all: the rate is every publisher's confirms
+ * over the time from the first send until the last publisher's last confirm.
+ *
+ * --consume (with --instances K): K consumer threads, each its own
+ * connection, drain queue <Q>.<k> while the events are published (prefetch
+ * 1000, one basic.ack multiple per 100 deliveries), as the K cnapid
+ * instances consume their queues; the run ends when every event has been
+ * consumed, and "consumed" and "consumed_per_s" (first send until the last
+ * delivery) join the output.
  *
  * T sender threads (default 1) each own S/T servers with V VMs each and make
  * M/T changes as fast as they can, pausing while more than 50,000 messages
@@ -63,6 +76,7 @@ typedef struct {
     char *body;
     size_t len;
     int64_t time_ms;
+    cn_publisher_t *pub;
 } s_ev_t;
 
 /* --pregen: events are made first (all threads), then sent by one thread */
@@ -86,7 +100,7 @@ s_on_event (const cn_vm_t *vm, cn_vm_event_t ev, int64_t time_ms, void *arg)
     atomic_fetch_add_explicit (cn->bytes, len, memory_order_relaxed);
     if (s_evs) {
         size_t i = atomic_fetch_add (&s_nevs, 1);
-        s_evs[i] = (s_ev_t) { strdup (rk), body, len, time_ms };
+        s_evs[i] = (s_ev_t) { strdup (rk), body, len, time_ms, cn->pub };
         return;
     }
     cn_publisher_send (cn->pub, rk, body, len, time_ms);
@@ -136,6 +150,76 @@ s_sender (void *arg)
 }
 
 static long s_first_server;     /* --first-server: the uuid of server 0 */
+
+/* --consume: one thread per instance queue */
+typedef struct {
+    const char *url;
+    char queue[256];
+    atomic_long *consumed;      /* shared: all consumers */
+    long total;                 /* stop when consumed reaches it */
+    atomic_llong *last_us;      /* the latest delivery, any consumer */
+    atomic_bool *ready;
+    int rc;
+} s_consumer_t;
+
+static void *
+s_consumer (void *arg)
+{
+    s_consumer_t *k = arg;
+    char err[256];
+    cn_amqp_url_t u;
+    amqp_connection_state_t c = NULL;
+    if (cn_amqp_url_parse (k->url, &u, err, sizeof err) == 0) {
+        c = cn_amqp_connect (&u, 10000, 0, "bench-consumer", err, sizeof err);
+        cn_amqp_url_fini (&u);
+    }
+    if (!c || cn_amqp_consume (c, k->queue, 1000, NULL, err, sizeof err) != 0) {
+        fprintf (stderr, "bench-publisher: consume %s: %s\n", k->queue, err);
+        atomic_store (k->ready, true);
+        k->rc = 1;
+        if (c)
+            cn_amqp_destroy (&c);
+        return NULL;
+    }
+    atomic_store (k->ready, true);
+    long mine = 0;
+    uint64_t unacked = 0, last_tag = 0;
+    /* bounded: stops at the total, or after 10 s without a delivery */
+    while (atomic_load (k->consumed) < k->total) {
+        amqp_envelope_t env;
+        struct timeval patience = { 0, 200000 };
+        amqp_maybe_release_buffers (c);
+        amqp_rpc_reply_t r = amqp_consume_message (c, &env, &patience, 0);
+        if (r.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION
+            && r.library_error == AMQP_STATUS_TIMEOUT) {
+            if (cn_mono_us () - atomic_load (k->last_us) > 10000000) {
+                fprintf (stderr, "bench-publisher: %s: nothing for 10 s\n", k->queue);
+                k->rc = 1;
+                break;
+            }
+            continue;
+        }
+        if (r.reply_type != AMQP_RESPONSE_NORMAL) {
+            cn_amqp_reply_str (r, "consume", err, sizeof err);
+            fprintf (stderr, "bench-publisher: %s: %s after %ld\n", k->queue, err, mine);
+            k->rc = 1;
+            break;
+        }
+        last_tag = env.delivery_tag;
+        amqp_destroy_envelope (&env);
+        mine++;
+        atomic_store (k->last_us, cn_mono_us ());
+        atomic_fetch_add (k->consumed, 1);
+        if (++unacked >= 100) {
+            amqp_basic_ack (c, CN_AMQP_CHANNEL, last_tag, 1);
+            unacked = 0;
+        }
+    }
+    if (unacked)
+        amqp_basic_ack (c, CN_AMQP_CHANNEL, last_tag, 1);
+    cn_amqp_close (&c);
+    return NULL;
+}
 
 static void
 s_server_uuid (long i, char out[48])
@@ -203,10 +287,11 @@ main (int argc, char **argv)
 {
     setvbuf (stdout, NULL, _IOLBF, 0);
     const char *url = NULL, *queue = "bench.vmevents";
-    long messages = 200000, threads = 1, servers = 1000, vms = 10, window = 1000, instances = 0;
-    bool keep = false, declare_only = false, delete_only = false, pregen = false;
+    long messages = 200000, threads = 0, servers = 1000, vms = 10, window = 1000, instances = 0;
+    long publishers = 1;
+    bool keep = false, declare_only = false, delete_only = false, pregen = false, consume = false;
     enum { O_URL = 256, O_MSG, O_THR, O_SRV, O_VMS, O_WIN, O_Q, O_KEEP, O_DECL, O_DEL, O_PRE,
-           O_INST, O_FIRST };
+           O_INST, O_FIRST, O_PUBS, O_CONS };
     static const struct option opts[] = {
         { "url", required_argument, NULL, O_URL },
         { "messages", required_argument, NULL, O_MSG },
@@ -221,6 +306,8 @@ main (int argc, char **argv)
         { "pregen", no_argument, NULL, O_PRE },
         { "instances", required_argument, NULL, O_INST },
         { "first-server", required_argument, NULL, O_FIRST },
+        { "publishers", required_argument, NULL, O_PUBS },
+        { "consume", no_argument, NULL, O_CONS },
         { NULL, 0, NULL, 0 }
     };
     int ch;
@@ -239,16 +326,21 @@ main (int argc, char **argv)
         case O_PRE: pregen = true; break;
         case O_INST: instances = atol (optarg); break;
         case O_FIRST: s_first_server = atol (optarg); break;
+        case O_PUBS: publishers = atol (optarg); break;
+        case O_CONS: consume = true; break;
         default:
             fprintf (stderr, "usage: bench-publisher --url AMQP_URL [--messages M] [--threads T] "
                              "[--servers S] [--vms V] [--window W] [--queue Q] [--keep-queue] "
-                             "[--pregen] [--instances K] [--first-server N] "
+                             "[--pregen] [--instances K] [--first-server N] [--publishers P] [--consume] "
                              "[--declare-only | --delete-only]\n");
             return 2;
         }
     }
+    if (threads == 0)
+        threads = publishers;
     if (!url || messages < 1 || threads < 1 || threads > 16 || servers < threads || vms < 1
-        || window < 1 || instances < 0 || instances > 64) {
+        || window < 1 || instances < 0 || instances > 64 || publishers < 1
+        || publishers > threads || (consume && !instances)) {
         fprintf (stderr, "bench-publisher: bad arguments\n");
         return 2;
     }
@@ -267,21 +359,39 @@ main (int argc, char **argv)
     if (declare_only)
         return 0;
 
+    /* --consume: the consumers are attached before the clock starts */
+    atomic_long consumed = 0;
+    atomic_llong last_us = 0;
+    atomic_bool cready[64];
+    s_consumer_t cons[64];
+    pthread_t ctid[64];
+    for (long k = 0; consume && k < instances; k++) {
+        atomic_init (&cready[k], false);
+        cons[k] = (s_consumer_t) { .url = url, .consumed = &consumed, .total = messages,
+                                   .last_us = &last_us, .ready = &cready[k] };
+        snprintf (cons[k].queue, sizeof cons[k].queue, "%s.%ld", queue, k);
+        pthread_create (&ctid[k], NULL, s_consumer, &cons[k]);
+    }
+    for (long k = 0; consume && k < instances; k++)
+        for (int i = 0; i < 1000 && !atomic_load (&cready[k]); i++)     /* bounded: 10 s */
+            usleep (10000);
     cn_publisher_cfg_t pc = { .url = url, .name = "bench-publisher", .window = (int) window,
                               .max_buffer = 1000000 };
-    cn_publisher_t *pub = cn_publisher_new (&pc, err, sizeof err);
-    if (!pub) {
-        fprintf (stderr, "bench-publisher: %s\n", err);
-        return 1;
-    }
-    /* wait for the connection (bounded) so the clock measures publishing */
-    for (int i = 0; i < 1000; i++) {
-        cn_publisher_stats_t st;
-        cn_publisher_stats (pub, &st);
-        if (st.connected)
-            break;
-        usleep (10000);
-    }
+    cn_publisher_t *pubs[16];
+    for (long p = 0; p < publishers; p++)
+        if (!(pubs[p] = cn_publisher_new (&pc, err, sizeof err))) {
+            fprintf (stderr, "bench-publisher: %s\n", err);
+            return 1;
+        }
+    /* wait for the connections (bounded) so the clock measures publishing */
+    for (long p = 0; p < publishers; p++)
+        for (int i = 0; i < 1000; i++) {
+            cn_publisher_stats_t st;
+            cn_publisher_stats (pubs[p], &st);
+            if (st.connected)
+                break;
+            usleep (10000);
+        }
     char (*uuids)[48] = calloc ((size_t) servers, sizeof *uuids);
     if (!uuids)
         abort ();
@@ -295,7 +405,7 @@ main (int argc, char **argv)
     int64_t t0 = cn_mono_us ();
     long per_s = servers / threads, per_m = messages / threads;
     for (long t = 0; t < threads; t++) {
-        ts[t] = (s_thread_t) { pub, t == threads - 1 ? messages - per_m * (threads - 1) : per_m,
+        ts[t] = (s_thread_t) { pubs[t % publishers], t == threads - 1 ? messages - per_m * (threads - 1) : per_m,
                                t == threads - 1 ? servers - per_s * (threads - 1) : per_s,
                                vms, per_s * t, uuids, &bytes };
         pthread_create (&tid[t], NULL, s_sender, &ts[t]);
@@ -310,12 +420,12 @@ main (int argc, char **argv)
             if ((i & 255) == 0)
                 for (int spin = 0; spin < 100000; spin++) {     /* bounded: 100 s */
                     cn_publisher_stats_t st;
-                    cn_publisher_stats (pub, &st);
+                    cn_publisher_stats (s_evs[i].pub, &st);
                     if (st.buffered < S_BUFFER_HIGH)
                         break;
                     usleep (1000);
                 }
-            cn_publisher_send (pub, s_evs[i].rk, s_evs[i].body, s_evs[i].len, s_evs[i].time_ms);
+            cn_publisher_send (s_evs[i].pub, s_evs[i].rk, s_evs[i].body, s_evs[i].len, s_evs[i].time_ms);
             free (s_evs[i].rk);
             free (s_evs[i].body);
         }
@@ -323,25 +433,45 @@ main (int argc, char **argv)
         s_evs = NULL;
     }
     int64_t t_sent = cn_mono_us ();
-    bool done = cn_publisher_flush (pub, 120000);
+    bool done = true;
+    for (long p = 0; p < publishers; p++)
+        done = cn_publisher_flush (pubs[p], 120000) && done;
     int64_t t1 = cn_mono_us ();
-    cn_publisher_stats_t st;
-    cn_publisher_stats (pub, &st);
-    cn_publisher_destroy (&pub);
+    cn_publisher_stats_t st = { 0 };
+    for (long p = 0; p < publishers; p++) {
+        cn_publisher_stats_t one;
+        cn_publisher_stats (pubs[p], &one);
+        st.published += one.published;
+        st.confirmed += one.confirmed;
+        st.nacked += one.nacked;
+        st.dropped += one.dropped;
+        st.republished += one.republished;
+        cn_publisher_destroy (&pubs[p]);
+    }
     double secs = (double) (t1 - t0) / 1e6;
+    int crc = 0;
+    for (long k = 0; consume && k < instances; k++) {
+        pthread_join (ctid[k], NULL);
+        crc |= cons[k].rc;
+    }
+    if (consume)
+        printf ("{\"consumed\":%ld,\"consumed_per_s\":%.0f,\"consumers\":%ld}\n",
+                atomic_load (&consumed),
+                (double) atomic_load (&consumed) / ((double) (atomic_load (&last_us) - t0) / 1e6),
+                instances);
     printf ("{\"messages\":%ld,\"seconds\":%.3f,\"confirmed_per_s\":%.0f,\"sent_per_s\":%.0f,"
             "\"avg_body\":%.0f,\"published\":%llu,\"confirmed\":%llu,\"nacked\":%llu,"
             "\"dropped\":%llu,\"republished\":%llu,\"flushed\":%s,\"queue\":\"%s\","
-            "\"window\":%ld,\"threads\":%ld,\"pregen\":%s}\n",
+            "\"window\":%ld,\"threads\":%ld,\"publishers\":%ld,\"pregen\":%s}\n",
             messages, secs, (double) st.confirmed / secs,
             (double) messages / ((double) (t_sent - t0) / 1e6),
             (double) atomic_load (&bytes) / (double) messages,
             (unsigned long long) st.published, (unsigned long long) st.confirmed,
             (unsigned long long) st.nacked, (unsigned long long) st.dropped,
             (unsigned long long) st.republished, done ? "true" : "false", queue, window,
-            threads, pregen ? "true" : "false");
+            threads, publishers, pregen ? "true" : "false");
     free (uuids);
     if (*queue && !keep && s_declare (url, queue, true, instances, servers, err, sizeof err) != 0)
         fprintf (stderr, "bench-publisher: delete %s: %s\n", queue, err);
-    return done ? 0 : 1;
+    return done && !crc ? 0 : 1;
 }

@@ -3,6 +3,7 @@
 # target 4).
 #
 #   test/bench/vmevents.sh [--messages M] [--rate R] [--cns C] [--seconds S]
+#                          [--instances-only]
 #
 # A durable classic queue bench.vmevents is bound to vm.event.# (a consumer
 # of every CN's events, as VMAPI would bind), so each event is routed and
@@ -21,16 +22,23 @@
 #    (after 5 s of warm-up). No cnapid runs (DNS has no address: the agents'
 #    sessions stay down, their events are still published), so the figure is
 #    the agent's AMQP path alone.
+# 4. As three cnapid instances consume them: three non-durable queues, each
+#    bound per server to the servers its instance owns, drained while the
+#    events are published (bench-publisher --instances 3 --consume), by 1, 2
+#    and 4 publishers (each its own connection, as each CN has its own);
+#    the rate is every confirm (and every delivery) over one clock.
+# --instances-only runs part 4 alone.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/sessions_lib.sh"
-M=200000 RATE=25000 CNS=1000 SECS=20
+M=200000 RATE=25000 CNS=1000 SECS=20 ONLY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --messages) M=$2; shift 2 ;;
     --rate) RATE=$2; shift 2 ;;
     --cns) CNS=$2; shift 2 ;;
     --seconds) SECS=$2; shift 2 ;;
-    *) sed -n '2,21p' "$0"; exit 2 ;;
+    --instances-only) ONLY=1; shift ;;
+    *) sed -n '2,28p' "$0"; exit 2 ;;
   esac
 done
 bench_init bvmevents
@@ -38,6 +46,15 @@ ninja -C "$BUILD" bench-publisher >/dev/null
 "$ROOT/deploy/local/stack" dns-set "$STACK" >/dev/null 2>&1
 Q=bench.vmevents
 "$BUILD/bench-publisher" --url "$CNAPI_AMQP_URL" --delete-only --queue "$Q" 2>/dev/null || true
+
+instances() {
+  for p in 1 2 4; do
+    echo "== 3 instance queues, consumed; $p publisher(s): bench-publisher --instances 3 --consume --publishers $p (load $(loadavg))"
+    "$BUILD/bench-publisher" --url "$CNAPI_AMQP_URL" --messages "$M" --queue "$Q" --instances 3 \
+        --consume --publishers "$p" 2>>"$STATE/bench-publisher.log" | sed 's/^/   /'
+  done
+}
+if [ "$ONLY" = 1 ]; then instances; exit 0; fi
 
 echo "== the publisher library: bench-publisher --messages $M (load $(loadavg))"
 OUT=$("$BUILD/bench-publisher" --url "$CNAPI_AMQP_URL" --messages "$M" --queue "$Q" 2>>"$STATE/bench-publisher.log")
@@ -63,3 +80,4 @@ reap "$MC"
 $TOOL rate --stats "$STATE/mc.stats" --from-s 5 --to-s $((SECS + 5))
 echo "   load at the end: $(loadavg)"
 "$BUILD/bench-publisher" --url "$CNAPI_AMQP_URL" --delete-only --queue "$Q"
+instances
