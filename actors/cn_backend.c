@@ -538,8 +538,7 @@ s_write (backend_t *self, rctx_t *c, const char *op, const char *params_text,
         cn_msgw_str (&mw, "uuid", c->uuid);
     }
     zframe_t *f = cn_msgw_frame (&mw);
-    if (zframe_send (&f, self->writer, ZFRAME_DONTWAIT) != 0) {
-        zframe_destroy (&f);
+    if (cn_writer_send (self->writer, self->cfg->writer_shards, c->uuid, &f, true) != 0) {
         free (w);
         s_reply_error (self, c->id, c->req_id, 503, "ServiceUnavailable",
                        "the state writer is not accepting requests");
@@ -722,7 +721,7 @@ static int
 s_on_writer (zloop_t *loop, zsock_t *sock, void *arg)
 {
     backend_t *self = arg;
-    zframe_t *f = zframe_recv (sock);
+    zframe_t *f = cn_writer_recv (sock, false);
     if (!f)
         return 0;
     cn_msg_t m;
@@ -817,22 +816,18 @@ s_start (backend_t *self, char *reason, size_t rlen)
         return -1;
     }
     self->pull = zsock_new (ZMQ_PULL);
-    self->writer = zsock_new (ZMQ_DEALER);
-    if (!self->pull || !self->writer) {
+    if (!self->pull) {
         snprintf (reason, rlen, "cannot create sockets");
         return -1;
     }
     zsock_set_rcvhwm (self->pull, 10000);
-    zsock_set_sndhwm (self->writer, 10000);
-    zsock_set_linger (self->writer, 0);
     if (zsock_connect (self->pull, "%s", CN_BACKEND_ENDPOINT) != 0) {
         snprintf (reason, rlen, "connect %s: %s", CN_BACKEND_ENDPOINT, zmq_strerror (zmq_errno ()));
         return -1;
     }
-    if (zsock_connect (self->writer, "%s", CN_WRITER_ENDPOINT) != 0) {
-        snprintf (reason, rlen, "connect %s: %s", CN_WRITER_ENDPOINT, zmq_strerror (zmq_errno ()));
+    self->writer = cn_writer_client (self->cfg->writer_shards, 10000, 0, reason, rlen);
+    if (!self->writer)
         return -1;
-    }
     self->moray = cn_moray_new (self->cfg->pg_conninfo, self->cfg->pg_timeout_ms);
     self->redis = cn_redis_new (self->cfg->redis_url, self->cfg->redis_timeout_ms,
                                 self->component);

@@ -164,7 +164,9 @@ void
 cn_cache_actor (zsock_t *pipe, void *args)
 {
     const cn_cache_args_t *a = args;
-    cn_thread_name ("cache");
+    char name[16];
+    snprintf (name, sizeof name, "cache-%d", a->shard);
+    cn_thread_name (name);
     self_t *self = calloc (1, sizeof *self);
     self->cfg = a->cfg;
     self->stats = a->stats;
@@ -172,7 +174,7 @@ cn_cache_actor (zsock_t *pipe, void *args)
     self->redis = cn_redis_new (self->cfg->redis_url, self->cfg->redis_timeout_ms, COMPONENT);
     self->pull = zsock_new (ZMQ_PULL);
     zsock_set_rcvhwm (self->pull, 1000);
-    if (!self->pull || zsock_bind (self->pull, CN_CACHE_ENDPOINT) != 0) {
+    if (!self->pull || zsock_bind (self->pull, CN_CACHE_FMT, a->shard) != 0) {
         /* The writer sees this as a failed START. */
         zsock_signal (pipe, 1);
         zsock_destroy (&self->pull);

@@ -83,6 +83,7 @@
 #define S_FRAME_BUDGET 2048       /* frames per AMQP service pass ... */
 #define S_PASS_US 20000           /* ... or this much time, whichever ends first */
 #define S_RESULT_BUDGET 2048      /* writer results per pass */
+#define S_ACK_DEFER_US 100000     /* settled deliveries wait this long for a multiple ack */
 #define S_TAG_BITS 48
 #define S_TAG_MASK ((UINT64_C(1) << S_TAG_BITS) - 1)
 #define S_RK_MAX 256              /* shortstr: at most 255 bytes */
@@ -90,6 +91,12 @@
 
 typedef enum { S_IDLE, S_CONNECTING, S_CONNECTED, S_BACKOFF } s_conn_t;
 typedef enum { M_NONE, M_HEADER, M_BODY } s_asm_t;
+
+/* A delivery the writer settled, waiting for its ack (s_flush_acks). */
+typedef struct {
+    uint64_t dtag;
+    int64_t at_us;            /* when its result came */
+} s_settled_t;
 
 /* A delivery handed to the writer, waiting for its result. */
 typedef struct {
@@ -118,7 +125,7 @@ typedef struct {
     uint64_t binds, unbinds, bind_failures;
     zsock_t *pipe;
     zsock_t *ctl;             /* REP, after START */
-    zsock_t *writer;          /* DEALER to CN_WRITER_ENDPOINT, after START */
+    zsock_t *writer;          /* cn_writer_client: every writer shard, after START */
     zactor_t *connector;      /* while connecting */
     s_conn_args_t args;
     bool started;
@@ -149,8 +156,9 @@ typedef struct {
     size_t buf_cap;
 
     zhashx_t *flights;        /* tag -> s_flight_t */
-    uint64_t *ackq;           /* delivery tags settled ok, not yet acked */
+    s_settled_t *ackq;        /* deliveries settled ok, not yet acked */
     size_t nackq, capackq;
+    int64_t ackq_since_us;    /* when the oldest of them was settled */
     uint64_t ack_frames;      /* basic.ack frames sent (one may ack many) */
     size_t requeue_pending;   /* flights with requeue_at_us set */
     int retry_attempt;
@@ -433,41 +441,53 @@ s_ack (self_t *self, uint64_t dtag, bool multiple, size_t covers)
 }
 
 static int
-s_cmp_u64 (const void *a, const void *b)
+s_cmp_settled (const void *a, const void *b)
 {
-    uint64_t x = *(const uint64_t *) a, y = *(const uint64_t *) b;
+    uint64_t x = ((const s_settled_t *) a)->dtag, y = ((const s_settled_t *) b)->dtag;
     return x < y ? -1 : x > y;
 }
 
-/* Ack what the writer's results of one pass settled. A multiple ack covers
- * every outstanding delivery up to its tag, so it goes only as far as the
- * lowest delivery still unsettled (in flight, or waiting to be requeued):
- * after a committed batch that is usually all of them, in one frame instead
- * of one per message (RabbitMQ's CPU per message, issue 2 benchmarks). The
- * rest are acked one by one at once: nothing waits for a later pass. */
+/* Ack what the writer's results settled. A multiple ack covers every
+ * outstanding delivery up to its tag, so it goes only as far as the lowest
+ * delivery still unsettled (in flight, or waiting to be requeued): after a
+ * committed batch that is usually all of them, in one frame instead of one
+ * per message (RabbitMQ's CPU per message, issue 2 benchmarks). With several
+ * writer shards one shard's commit settles deliveries interleaved with the
+ * other's, still in flight: those wait (S_ACK_DEFER_US at most, and at most
+ * half the prefetch window) for the other shard's commit, whose multiple ack
+ * then covers both; past either bound they are acked one by one. A wait
+ * loses nothing: an unacked delivery is redelivered, and writing the same
+ * sysinfo twice changes nothing. */
 static void
-s_flush_acks (self_t *self)
+s_flush_acks (self_t *self, int64_t now_us)
 {
     size_t n = self->nackq;
-    self->nackq = 0;
     if (n == 0 || !self->conn)
         return;
-    qsort (self->ackq, n, sizeof *self->ackq, s_cmp_u64);
+    qsort (self->ackq, n, sizeof *self->ackq, s_cmp_settled);
     uint64_t low = UINT64_MAX;
     for (s_flight_t *fl = zhashx_first (self->flights); fl; fl = zhashx_next (self->flights))
         if (fl->dtag < low)
             low = fl->dtag;
     size_t below = 0;
-    while (below < n && self->ackq[below] < low)
+    while (below < n && self->ackq[below].dtag < low)
         below++;
-    if (below > 1) {
-        if (!s_ack (self, self->ackq[below - 1], true, below))
-            return;
-    }
-    else
-        below = 0;
+    if (below > 0 && !s_ack (self, self->ackq[below - 1].dtag, below > 1, below))
+        return;
+    size_t rest = n - below;
+    int64_t since = INT64_MAX;
     for (size_t i = below; i < n; i++)
-        if (!s_ack (self, self->ackq[i], false, 1))
+        if (self->ackq[i].at_us < since)
+            since = self->ackq[i].at_us;
+    if (rest > 0 && rest * 2 < (size_t) self->args.prefetch && now_us - since < S_ACK_DEFER_US) {
+        memmove (self->ackq, self->ackq + below, rest * sizeof *self->ackq);
+        self->nackq = rest;
+        self->ackq_since_us = since;
+        return;
+    }
+    self->nackq = 0;
+    for (size_t i = below; i < n; i++)
+        if (!s_ack (self, self->ackq[i].dtag, false, 1))
             return;
 }
 
@@ -624,7 +644,7 @@ static void
 s_hand_over (self_t *self, cn_msgw_t *w, uint64_t tag, const char *uuid, const char *rk)
 {
     zframe_t *f = cn_msgw_frame (w);
-    if (!f || zframe_send (&f, self->writer, ZFRAME_DONTWAIT) != 0) {
+    if (!f || cn_writer_send (self->writer, self->cfg->writer_shards, uuid, &f, true) != 0) {
         zframe_destroy (&f);
         CN_ERROR (S_COMPONENT, "cannot hand a message to the writer", "{s:s,s:s}",
                   "error", zmq_strerror (errno), "routing_key", rk);
@@ -879,7 +899,10 @@ s_result (self_t *self, const void *data, size_t size)
             if (!self->ackq)
                 abort ();
         }
-        self->ackq[self->nackq++] = dtag;
+        int64_t now_us = cn_mono_us ();
+        if (self->nackq == 0)
+            self->ackq_since_us = now_us;
+        self->ackq[self->nackq++] = (s_settled_t) { dtag, now_us };
     }
     else if (!retry) {
         char *code = cn_msg_strdup (&m, "code");
@@ -915,18 +938,14 @@ s_result (self_t *self, const void *data, size_t size)
 static void
 s_writer_service (self_t *self)
 {
-    void *sock = zsock_resolve (self->writer);
     for (int i = 0; i < S_RESULT_BUDGET; i++) {
-        zmq_msg_t msg;
-        zmq_msg_init (&msg);
-        if (zmq_msg_recv (&msg, sock, ZMQ_DONTWAIT) < 0) {
-            zmq_msg_close (&msg);
+        zframe_t *f = cn_writer_recv (self->writer, true);
+        if (!f)
             break;
-        }
-        s_result (self, zmq_msg_data (&msg), zmq_msg_size (&msg));
-        zmq_msg_close (&msg);
+        s_result (self, zframe_data (f), zframe_size (f));
+        zframe_destroy (&f);
     }
-    s_flush_acks (self);
+    s_flush_acks (self, cn_mono_us ());
 }
 
 /* Nack (requeue) the deliveries the writer asked to retry, once due. */
@@ -1023,17 +1042,12 @@ s_start (self_t *self, char *err, size_t errlen)
     snprintf (self->args.consumer_tag, sizeof self->args.consumer_tag, "cnapid-%s%s", inst,
               self->vm ? "-vmevents" : "");
 
-    self->writer = zsock_new (ZMQ_DEALER);
-    if (!self->writer) {
-        cn_amqp_url_fini (&self->args.url);
-        return "cannot create the writer socket";
-    }
     /* In flight is bounded by the prefetch, so no HWM is needed (and a full
      * HWM would make a DONTWAIT send fail for no good reason). */
-    zsock_set_sndhwm (self->writer, 0);
-    zsock_set_rcvhwm (self->writer, 0);
-    if (zsock_connect (self->writer, "%s", CN_WRITER_ENDPOINT) != 0) {
-        zsock_destroy (&self->writer);
+    char werr[160];
+    self->writer = cn_writer_client (cfg->writer_shards, 0, 0, werr, sizeof werr);
+    if (!self->writer) {
+        CN_ERROR (S_COMPONENT, "cannot reach the writer", "{s:s}", "error", werr);
         cn_amqp_url_fini (&self->args.url);
         return "cannot connect to the writer";
     }
@@ -1132,6 +1146,8 @@ s_poll_timeout_ms (self_t *self, int64_t now_us)
     int64_t rq = s_next_requeue_us (self);
     if (rq && rq < until)
         until = rq;
+    if (self->nackq && self->ackq_since_us + S_ACK_DEFER_US < until)
+        until = self->ackq_since_us + S_ACK_DEFER_US;
     if (until <= now_us)
         return 0;
     return (long) ((until - now_us + 999) / 1000);
@@ -1211,6 +1227,8 @@ s_run (self_t *self)
             self->next_tick_us = now + 1000LL * S_TICK_MS;
         }
         s_requeue_due (self, now);
+        if (self->nackq && now >= self->ackq_since_us + S_ACK_DEFER_US)
+            s_flush_acks (self, now);
         if (self->state == S_BACKOFF && now >= self->retry_at_us)
             s_start_connect (self);
     }

@@ -303,7 +303,18 @@ s_writer_send (self_t *self, cn_msgw_t *w, wctx_t *c, uint64_t tag)
 {
     zhashx_insert (self->wpending, CN_TAG_KEY (tag), c);
     zframe_t *f = cn_msgw_frame (w);
-    zframe_send (&f, self->writer, 0);
+    if (cn_writer_send (self->writer, self->cfg->writer_shards, c->uuid, &f, false) != 0) {
+        /* not expected (the shards are bound before this actor starts):
+         * counted as a failed write; VM state is sent again by the next
+         * hello, a VM event is lost from the record until then */
+        self->writer_failures++;
+        CN_ERROR (COMPONENT, "cannot hand a request to the writer", "{s:s,s:s}", "server_uuid",
+                  c->uuid, "error", zmq_strerror (zmq_errno ()));
+        owned_t *o = zhashx_lookup (self->owned, c->uuid);
+        if (c->kind == W_VMS && o && o->sid == c->sid)
+            o->vms_in_flight = false;
+        zhashx_delete (self->wpending, CN_TAG_KEY (tag));
+    }
 }
 
 static void
@@ -412,7 +423,7 @@ static void
 s_on_writer (self_t *self)
 {
     for (int k = 0; k < DRAIN_MAX; k++) {
-        zframe_t *f = zframe_recv_nowait (self->writer);
+        zframe_t *f = cn_writer_recv (self->writer, true);
         if (!f)
             break;
         cn_msg_t m;
@@ -1773,17 +1784,14 @@ s_start (self_t *self, char *reason, size_t rlen)
     self->sub = cn_redis_sub_new (cfg->redis_url, cfg->redis_timeout_ms, "sessions-sub",
                                   CN_STATUS_CHANNEL);
     self->pull = zsock_new (ZMQ_PULL);
-    self->writer = zsock_new (ZMQ_DEALER);
-    if (!self->moray || !self->redis || !self->sub || !self->pull || !self->writer) {
+    if (!self->moray || !self->redis || !self->sub || !self->pull) {
         snprintf (reason, rlen, "out of memory");
         return -1;
     }
     zsock_set_rcvhwm (self->pull, 1000000);
-    zsock_set_sndhwm (self->writer, 100000);
-    zsock_set_rcvhwm (self->writer, 100000);
-    zsock_set_linger (self->writer, 0);
-    if (zsock_connect (self->pull, "%s", CN_SESSIONS_ENDPOINT) != 0
-        || zsock_connect (self->writer, "%s", CN_WRITER_ENDPOINT) != 0) {
+    char werr[160];
+    self->writer = cn_writer_client (cfg->writer_shards, 100000, 100000, werr, sizeof werr);
+    if (!self->writer || zsock_connect (self->pull, "%s", CN_SESSIONS_ENDPOINT) != 0) {
         snprintf (reason, rlen, "cannot connect the hub or the writer");
         return -1;
     }

@@ -10,6 +10,13 @@
  * once, commits, and only then answers. While a transaction runs, new requests
  * queue up in ZeroMQ, so the busier it gets the bigger the batches become.
  *
+ * Shards. cnapid runs writer.shards of these actors (writer-0, writer-1,
+ * ...); clients send each request to the shard of its server's uuid
+ * (cn_writer_shard), so a server is only ever written by one shard of an
+ * instance, in the order its client sent the requests, and its parsed record
+ * stays in that shard's cache. The shards share nothing but PostgreSQL and
+ * Redis: while one waits on its transaction the other does its CPU work.
+ *
  * Races between instances. Rows that exist are locked, so two instances
  * writing the same server serialise. A server that does not exist yet is
  * inserted with the "must not exist" condition; if another instance inserted
@@ -57,7 +64,7 @@
 
 #define LAT_SAMPLES 8192
 #define RECORD_CACHE_MAX 50000
-#define COMPONENT "writer"
+#define COMPONENT self->name  /* "writer-<shard>" */
 
 typedef enum { REQ_SYSINFO, REQ_UPDATE, REQ_DELETE, REQ_VMS, REQ_VM_EVENT } s_kind_t;
 
@@ -90,6 +97,8 @@ typedef struct {
 
 typedef struct {
     const cn_config_t *cfg;
+    int shard;
+    char name[16];            /* "writer-<shard>": STATUS, control socket, thread */
     zsock_t *pipe;
     zsock_t *router;
     zsock_t *ctl;
@@ -984,7 +993,7 @@ s_status (self_t *self)
 {
     cn_msgw_t w;
     cn_msgw_init (&w, "status", 28);
-    cn_msgw_str (&w, "actor", "writer");
+    cn_msgw_str (&w, "actor", self->name);
     cn_msgw_str (&w, "state", !self->started ? "stopped"
                             : zlistx_size (self->retry) ? "backoff" : "running");
     cn_msgw_bool (&w, "pg", cn_moray_connected (self->moray));
@@ -1036,20 +1045,20 @@ s_start (self_t *self)
     self->moray = cn_moray_new (self->cfg->pg_conninfo, self->cfg->pg_timeout_ms);
     if (self->moray)
         cn_moray_set_idle (self->moray, s_read_ahead, self);
-    cn_cache_args_t cargs = { self->cfg, &self->cache_stats };
+    cn_cache_args_t cargs = { self->cfg, &self->cache_stats, self->shard };
     self->cache = zactor_new (cn_cache_actor, &cargs);
     self->cache_push = zsock_new (ZMQ_PUSH);
     if (!self->cache || !self->cache_push
-        || zsock_connect (self->cache_push, CN_CACHE_ENDPOINT) != 0)
+        || zsock_connect (self->cache_push, CN_CACHE_FMT, self->shard) != 0)
         return -1;
     zsock_set_sndhwm (self->cache_push, 1000);
     self->router = zsock_new (ZMQ_ROUTER);
     if (!self->moray || !self->router
-        || zsock_bind (self->router, CN_WRITER_ENDPOINT) != 0)
+        || zsock_bind (self->router, CN_WRITER_FMT, self->shard) != 0)
         return -1;
     zsock_set_rcvhwm (self->router, 100000);
     zsock_set_sndhwm (self->router, 100000);
-    self->ctl = cn_ctl_bind ("writer");
+    self->ctl = cn_ctl_bind (self->name);
     if (!self->ctl)
         return -1;
     zloop_reader (self->loop, self->router, s_on_router, self);
@@ -1102,9 +1111,12 @@ s_on_pipe (zloop_t *loop, zsock_t *pipe, void *arg)
 void
 cn_writer_actor (zsock_t *pipe, void *args)
 {
-    cn_thread_name ("writer");
+    const cn_writer_args_t *a = args;
     self_t *self = calloc (1, sizeof *self);
-    self->cfg = args;
+    self->cfg = a->cfg;
+    self->shard = a->shard;
+    snprintf (self->name, sizeof self->name, "writer-%d", a->shard);
+    cn_thread_name (self->name);
     self->pipe = pipe;
     self->loop = zloop_new ();
     self->retry = zlistx_new ();

@@ -9,7 +9,7 @@
  * connects a PULL there (ZeroMQ round-robins requests between them). One
  * request is one msgpack frame (proto/backend.md). A backend owns its own
  * store connection (cn_moray_t, reads), its own cache connection (cn_redis_t)
- * and a DEALER to the state writer (CN_WRITER_ENDPOINT, proto/writer.md) for
+ * and a cn_writer_client socket to the state writer shards (proto/writer.md) for
  * writes; it may block on those (bounded by their timeouts), which is why it
  * runs apart from the h2o thread.
  *

@@ -2,7 +2,7 @@
  * cn_cache: the cache writer actor, a child of the state writer.
  *
  * The state writer hands every committed batch of server records to this
- * actor (PUSH to CN_CACHE_ENDPOINT, one "cache_puts" message per batch,
+ * actor (PUSH to CN_CACHE_FMT with the writer's shard, one "cache_puts" message per batch,
  * proto/writer.md) and goes on with the next transaction; this actor writes
  * them through to Redis (versioned, pipelined: cn_redis_cache_apply). Redis
  * is a cache: it is never on the commit path, and a slow or dead Redis never
@@ -13,7 +13,7 @@
  * CN_CACHE_DIRTY_MAX of them the whole server cache is dropped instead.
  *
  *   cn_cache_stats_t stats = { 0 };
- *   cn_cache_args_t args = { cfg, &stats };
+ *   cn_cache_args_t args = { cfg, &stats, shard };
  *   zactor_t *c = zactor_new (cn_cache_actor, &args);   // binds, then signals
  *
  * Pipe: $TERM. Counters are read from *stats (atomics) by the writer's STATUS.
@@ -26,7 +26,7 @@
 
 #include "cn_config.h"
 
-#define CN_CACHE_ENDPOINT "inproc://cnapi-cache"
+#define CN_CACHE_FMT "inproc://cnapi-cache-%d"
 #define CN_CACHE_DIRTY_MAX 100000
 
 typedef struct {
@@ -37,6 +37,7 @@ typedef struct {
 typedef struct {
     const cn_config_t *cfg;
     cn_cache_stats_t *stats;
+    int shard;                /* the writer shard it serves */
 } cn_cache_args_t;
 
 void cn_cache_actor (zsock_t *pipe, void *args);

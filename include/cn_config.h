@@ -12,6 +12,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#define CN_WRITER_MAX_SHARDS 16
+
 typedef struct {
     char *instance;           /* instance name; default: hostname-pid */
     char *datacenter_name;    /* "dc1" */
@@ -37,6 +39,7 @@ typedef struct {
 
     int   sysinfo_freshness_s;/* 90: unsetup servers go unknown after this */
     int   writer_max_batch;   /* 500 messages per transaction */
+    int   writer_shards;      /* 2 state writers (at most CN_WRITER_MAX_SHARDS), by server uuid */
     int   backend_threads;    /* 2 read workers for the HTTP gateway */
 
     /* agent sessions (docs/sessions.md) */

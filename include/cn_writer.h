@@ -2,11 +2,16 @@
  * cn_writer: the state writer actor. Owns the PostgreSQL (Moray layout)
  * connection for writes and the Redis write-through of server records.
  *
- *   zactor_t *w = zactor_new (cn_writer_actor, (void *) cfg);   // cfg outlives it
+ *   cn_writer_args_t a = { cfg, k };                              // both outlive it
+ *   zactor_t *w = zactor_new (cn_writer_actor, &a);
  *   zstr_send (w, "START");  -> "OK" | "ERROR" <reason>
  *
- * After START it binds a ROUTER at CN_WRITER_ENDPOINT. Clients connect a
- * DEALER and send one-frame msgpack requests (proto/writer.md: "sysinfo",
+ * cnapid runs cfg->writer_shards of them ("writer-0", "writer-1", ...): shard
+ * k writes the servers cn_writer_shard (uuid) maps to k, with its own
+ * PostgreSQL connection, record cache and cache writer, so one shard's CPU
+ * work overlaps another's wait on PostgreSQL. After START shard k binds a
+ * ROUTER at CN_WRITER_FMT (k). Clients hold one cn_writer_client socket
+ * (include/cn_actor.h) and send one-frame msgpack requests (proto/writer.md: "sysinfo",
  * "update_server", "delete_server"); each gets one "result" frame back, sent
  * only after the transaction that holds its write has committed (or the
  * request failed for good). Requests are group-committed: everything waiting
@@ -22,6 +27,13 @@
 #define CN_WRITER_H
 
 #include <czmq.h>
+
+#include "cn_config.h"
+
+typedef struct {
+    const cn_config_t *cfg;
+    int shard;                /* 0 .. cfg->writer_shards - 1 */
+} cn_writer_args_t;
 
 void cn_writer_actor (zsock_t *pipe, void *args);
 

@@ -38,6 +38,7 @@ static const cn_conf_key_t s_keys[] = {
     I ("redis.timeout_ms", redis_timeout_ms, 500, 10, 60000),
     I ("sysinfo_freshness_s", sysinfo_freshness_s, 90, 1, 86400),
     I ("writer.max_batch", writer_max_batch, 500, 1, 10000),
+    I ("writer.shards", writer_shards, 2, 1, CN_WRITER_MAX_SHARDS),
     I ("backend_threads", backend_threads, 2, 1, 64),
     I ("session.heartbeat_ms", session_heartbeat_ms, 1000, 50, 60000),
     I ("session.dead_after_ms", session_dead_after_ms, 2500, 150, 300000),

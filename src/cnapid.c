@@ -26,6 +26,7 @@ typedef struct {
     const char *name;
     zactor_fn *fn;
     zactor_t *actor;
+    void *args;               /* NULL: the configuration */
 } s_actor_t;
 
 static volatile sig_atomic_t s_stop;
@@ -50,7 +51,7 @@ s_usage (void)
 static int
 s_start (s_actor_t *a, const cn_config_t *cfg, s_actor_t *all, size_t nall)
 {
-    a->actor = zactor_new (a->fn, (void *) cfg);
+    a->actor = zactor_new (a->fn, a->args ? a->args : (void *) cfg);
     if (!a->actor)
         return -1;
     zmsg_t *msg = zmsg_new ();
@@ -123,13 +124,19 @@ main (int argc, char **argv)
     sigaction (SIGINT, &sa, NULL);
     signal (SIGPIPE, SIG_IGN);
 
-    s_actor_t actors[] = {
-        { "writer", cn_writer_actor, NULL },
-        { "gateway", cn_gateway_actor, NULL },
-        { "listener", cn_listener_actor, NULL },
-        { "admin", cn_admin_actor, NULL },
-    };
-    size_t nactors = sizeof actors / sizeof actors[0];
+    /* the writer shards first: every other actor connects to them */
+    s_actor_t actors[CN_WRITER_MAX_SHARDS + 3];
+    cn_writer_args_t wargs[CN_WRITER_MAX_SHARDS];
+    char wnames[CN_WRITER_MAX_SHARDS][16];
+    size_t nactors = 0;
+    for (int k = 0; k < cfg->writer_shards; k++) {
+        wargs[k] = (cn_writer_args_t) { cfg, k };
+        snprintf (wnames[k], sizeof wnames[k], "writer-%d", k);
+        actors[nactors++] = (s_actor_t) { wnames[k], cn_writer_actor, NULL, &wargs[k] };
+    }
+    actors[nactors++] = (s_actor_t) { "gateway", cn_gateway_actor, NULL, NULL };
+    actors[nactors++] = (s_actor_t) { "listener", cn_listener_actor, NULL, NULL };
+    actors[nactors++] = (s_actor_t) { "admin", cn_admin_actor, NULL, NULL };
     CN_INFO ("main", "starting", "{s:s,s:s,s:i,s:s}", "version", CNAPI_VERSION, "http_address",
              cfg->http_address, "http_port", cfg->http_port, "admin", cfg->admin_endpoint);
     int rc = 0;

@@ -99,8 +99,11 @@ RATE_IN=$($PY -c "print(int($MESSAGES / $SECS))")
 echo "== drained $a of $MESSAGES in ${SECS}s with $INSTANCES instance(s): $RATE_IN msg/s (start to last ack)"
 for i in $(seq 1 "$INSTANCES"); do
   "$BUILD/cnapictl" -e "ipc://$STATE/bench-$i.sock" -j actors | $PY -c '
-import json,sys; a=json.load(sys.stdin); w=a["writer"]; l=a["listener"]
-print("   bench-%s: acked %d, batches %d, avg batch %.1f, max batch %d, last commit %.1f ms" % (sys.argv[1], l["acked"], w["batches"], w["avg_batch"], w["max_batch"], w["last_commit_ms"]))' "$i"
+import json,sys; a=json.load(sys.stdin); l=a["listener"]
+print("   bench-%s: acked %d" % (sys.argv[1], l["acked"]))
+for k in sorted(k for k in a if k.startswith("writer-")):
+    w = a[k]
+    print("      %s: received %d, batches %d, avg batch %.1f, max batch %d, last commit %.1f ms" % (k, w["received"], w["batches"], w["avg_batch"], w["max_batch"], w["last_commit_ms"]))' "$i"
 done
 echo "== CPU during the drain, per message (load average $(cut -d' ' -f1-3 /proc/loadavg))"
 $PY "$ROOT/test/bench/cpustat.py" diff "$STATE/cpu0.json" "$STATE/cpu1.json" "$MESSAGES" | sed 's/^/   /'
@@ -116,8 +119,10 @@ for n in $(seq 1 3000); do
 done
 for i in $(seq 1 "$INSTANCES"); do
   "$BUILD/cnapictl" -e "ipc://$STATE/bench-$i.sock" -j actors | $PY -c '
-import json,sys; w=json.load(sys.stdin)["writer"]
-print("   bench-%s: publish-to-commit p50 %.1f ms, p99 %.1f ms over %d messages" % (sys.argv[1], w["publish_to_commit_p50_ms"], w["publish_to_commit_p99_ms"], w["latency_samples"]))' "$i"
+import json,sys; a=json.load(sys.stdin)
+for k in sorted(k for k in a if k.startswith("writer-")):
+    w = a[k]
+    print("   bench-%s %s: publish-to-commit p50 %.1f ms, p99 %.1f ms over %d messages" % (sys.argv[1], k, w["publish_to_commit_p50_ms"], w["publish_to_commit_p99_ms"], w["latency_samples"]))' "$i"
 done
 
 echo "== baselines on this machine"

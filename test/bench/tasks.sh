@@ -163,7 +163,10 @@ for w in $WAITS; do
 done
 ctl 1 -j actors | $PY -c 'import json,sys; t=json.load(sys.stdin)["tasks"]; print("   A tasks actor:", {k: t.get(k) for k in ("created","dispatched","dispatch_failures","store_failures","conflicts","address_hits","create_batch_avg","create_read_ms_avg","create_check_ms_avg","create_commit_ms_avg","last_error")})' || true
 ctl 2 -j actors | $PY -c 'import json,sys; t=json.load(sys.stdin)["tasks"]; print("   B tasks actor:", {k: t.get(k) for k in ("frames","acks","frames_pending","completed","failed","conflicts")})' || true
-ctl 2 -j actors | $PY -c 'import json,sys; t=json.load(sys.stdin)["writer"]; print("   B writer:", {k: t.get(k) for k in ("received","batches","rows_written","unchanged","stale","stale_from_memory","avg_batch")})' || true
+ctl 2 -j actors | $PY -c 'import json,sys
+a=json.load(sys.stdin)
+for n in sorted(k for k in a if k.startswith("writer-")):
+    t=a[n]; print("   B %s:" % n, {k: t.get(k) for k in ("received","batches","rows_written","unchanged","stale","stale_from_memory","avg_batch")})' || true
 # last: its frames (ids no instance knows) keep B busy acking for a while
 echo "== ceiling: the agent alone, $THREADS closed-loop senders POST /tasks to mockcloud for 3s (load before $(loadavg))"
 $TT agent --url "http://127.0.0.1:$AGENT_PORT" --prefix "$PREFIX" --cns "$CNS" --seconds 3 \

@@ -76,6 +76,21 @@ def _actors(d):
     return json.loads(out.stdout)
 
 
+def _writers(a):
+    """The writer shards' STATUS (writer-0, writer-1, ...), in shard order."""
+    return [a[k] for k in sorted(k for k in a if k.startswith("writer-"))]
+
+
+def _writer(a):
+    """The writer shards' counters summed (numbers only)."""
+    out = {}
+    for w in _writers(a):
+        for k, v in w.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[k] = out.get(k, 0) + v
+    return out
+
+
 def _queue_counts(stack, url, queue="ur.cnapi"):
     vhost = url.rsplit("/", 1)[1]
     from urllib.parse import unquote
@@ -118,7 +133,9 @@ def test_three_instances_share_the_queue(t):
         a = _actors(d)
         shares.append(a["listener"]["acked"])
         assert a["listener"]["rejected"] == 0, a["listener"]
-        assert a["writer"]["batches"] > 0
+        # every shard of every instance wrote its servers' share
+        assert len(_writers(a)) == 2, sorted(a)
+        assert all(w["batches"] > 0 for w in _writers(a)), _writers(a)
     t.log("acked per instance: %s" % shares)
     assert sum(shares) >= 3000, shares
     assert all(s > 0 for s in shares), "every instance should take a share: %s" % shares
@@ -140,7 +157,7 @@ def test_kill9_mid_stream_loses_nothing(t):
     pub = threading.Thread(target=_publish, args=(url, prefix, 600, 3))
     pub.start()
     # kill one instance once it has written something, while publishing goes on
-    harness.wait_until(lambda: _actors(ds[0])["writer"]["rows_written"] > 0, timeout=60,
+    harness.wait_until(lambda: _writer(_actors(ds[0]))["rows_written"] > 0, timeout=60,
                        desc="cnapi-1 writing")
     ds[0].kill9()
     pub.join(timeout=120)
@@ -274,14 +291,14 @@ def test_redelivered_sysinfo_is_harmless(t):
             cur.execute("SELECT _id, _etag, _mtime FROM cnapi_servers WHERE _key = %s", (u,))
             before = cur.fetchone()
         harness.amqp_publish_sysinfo(url, [("ur.sysinfo.%s.1" % u, si, {"sent_ms": sent})] * 3)
-        harness.wait_until(lambda: _actors(d)["writer"]["unchanged"] >= 3, timeout=30)
+        harness.wait_until(lambda: _writer(_actors(d))["unchanged"] >= 3, timeout=30)
         with c.cursor() as cur:
             cur.execute("SELECT _id, _etag, _mtime FROM cnapi_servers WHERE _key = %s", (u,))
             assert cur.fetchone() == before, "the same sysinfo again wrote nothing"
         # an older sysinfo arriving late is ignored
         old = dict(si, Hostname="cn-older")
         harness.amqp_publish_sysinfo(url, [("ur.sysinfo.%s.0" % u, old, {"sent_ms": sent - 5000})])
-        harness.wait_until(lambda: _actors(d)["writer"]["stale"] >= 1, timeout=30)
+        harness.wait_until(lambda: _writer(_actors(d))["stale"] >= 1, timeout=30)
         assert d.get("/servers/" + u)[2]["hostname"] == "cn-same"
     finally:
         c.close()
