@@ -2,6 +2,7 @@
 # ingest.sh: durable sysinfo ingest benchmark (issue: foundation).
 #
 #   test/bench/ingest.sh [--instances N] [--messages M] [--servers S] [--rate R] [--seconds D]
+#                        [--shards K]
 #
 # 1. Throughput: M persistent ~3 KB sysinfo messages (every one a real change:
 #    "Burst Sequence" grows) are queued on ur.cnapi BEFORE any cnapid runs;
@@ -16,10 +17,11 @@
 # With the throughput figure it prints the CPU time spent during the drain per
 # message: each cnapid thread's and that of the stack's PostgreSQL, RabbitMQ and Redis
 # (test/bench/cpustat.py; CPU time holds on a noisy machine, rates do not).
+# --shards K sets each instance's writer.shards (default: the config's, 2).
 # Prints one summary block; docs/benchmarks.md records the figures.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-INSTANCES=1 MESSAGES=60000 SERVERS=10000 RATE=2000 SECONDS_=20
+INSTANCES=1 MESSAGES=60000 SERVERS=10000 RATE=2000 SECONDS_=20 SHARDS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --instances) INSTANCES=$2; shift 2 ;;
@@ -27,7 +29,8 @@ while [ $# -gt 0 ]; do
     --servers) SERVERS=$2; shift 2 ;;
     --rate) RATE=$2; shift 2 ;;
     --seconds) SECONDS_=$2; shift 2 ;;
-    *) sed -n '2,20p' "$0"; exit 2 ;;
+    --shards) SHARDS=$2; shift 2 ;;
+    *) sed -n '2,22p' "$0"; exit 2 ;;
   esac
 done
 BUILD=${CNAPI_BUILD:-$ROOT/build}
@@ -75,6 +78,8 @@ acked_total() {
 PG_POSTMASTER=$(head -n1 "$( . "$STATE/stack/state.env"; echo "${PG_BASE:-$STATE/stack/postgres}")/data/postmaster.pid")
 OTHERS=$(for f in rabbitmq/rabbitmq.pid redis/redis.pid; do head -n1 "$STATE/stack/$f" 2>/dev/null; echo; done)
 $PY "$ROOT/test/bench/cpustat.py" snap "$STATE/cpu0.json" "$PG_POSTMASTER" $OTHERS
+WRITER_CONF=""
+[ -n "$SHARDS" ] && WRITER_CONF=", \"writer\": {\"shards\": $SHARDS}"
 T0=$(date +%s%N)
 for i in $(seq 1 "$INSTANCES"); do
   cat > "$STATE/bench-$i.json" <<JSON
@@ -82,7 +87,7 @@ for i in $(seq 1 "$INSTANCES"); do
  "http": {"address": "127.0.0.$((i + 1))", "port": 0},
  "admin": {"endpoint": "ipc://$STATE/bench-$i.sock"},
  "amqp": {"url": "$CNAPI_AMQP_URL"}, "postgres": {"conninfo": "$PG"},
- "redis": {"url": "$CNAPI_REDIS_URL"}}
+ "redis": {"url": "$CNAPI_REDIS_URL"}$WRITER_CONF}
 JSON
   env $NO_CNAPI_ENV "$BUILD/cnapid" -c "$STATE/bench-$i.json" >"$STATE/bench-$i.log" 2>&1 &
   PIDS+=($!)
@@ -90,6 +95,11 @@ done
 for n in $(seq 1 6000); do      # bounded: 10 minutes at 0.1 s
   a=$(acked_total)
   [ "$a" -ge "$MESSAGES" ] && break
+  for p in "${PIDS[@]}"; do
+    if ! kill -0 "$p" 2>/dev/null; then
+      echo "ingest.sh: cnapid $p exited; its log:" >&2; tail -3 "$STATE"/bench-*.log >&2; exit 1
+    fi
+  done
   sleep 0.1
 done
 T1=$(date +%s%N)
