@@ -19,21 +19,33 @@
 #include <string.h>
 #include <strings.h>
 
-/* KEYS[1] key; ARGV: version, json, tombstone ("1"/"0"), uuid, announce ("1"/"0") */
+/* Several records per call (one Lua invocation, one round trip for a whole
+ * chunk): KEYS[i] the key of record i; ARGV[5i-4 .. 5i]: version, json,
+ * tombstone ("1"/"0"), uuid, announce ("1"/"0"). A record is stored only if
+ * newer than the cached one. Returns how many were stored. */
 static const char s_put_script[] =
-    "local cur = redis.call('HGET', KEYS[1], 'v')\n"
-    "if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end\n"
-    "redis.call('DEL', KEYS[1])\n"
-    "if ARGV[3] == '1' then\n"
-    "  redis.call('HSET', KEYS[1], 'v', ARGV[1], 'd', '1')\n"
-    "  redis.call('EXPIRE', KEYS[1], 3600)\n"
-    "else\n"
-    "  redis.call('HSET', KEYS[1], 'v', ARGV[1], 'j', ARGV[2])\n"
+    "local stored = 0\n"
+    "for i = 1, #KEYS do\n"
+    "  local b = 5 * (i - 1)\n"
+    "  local cur = redis.call('HGET', KEYS[i], 'v')\n"
+    "  if not cur or tonumber(cur) < tonumber(ARGV[b + 1]) then\n"
+    "    redis.call('DEL', KEYS[i])\n"
+    "    if ARGV[b + 3] == '1' then\n"
+    "      redis.call('HSET', KEYS[i], 'v', ARGV[b + 1], 'd', '1')\n"
+    "      redis.call('EXPIRE', KEYS[i], 3600)\n"
+    "    else\n"
+    "      redis.call('HSET', KEYS[i], 'v', ARGV[b + 1], 'j', ARGV[b + 2])\n"
+    "    end\n"
+    "    if ARGV[b + 5] == '1' then\n"
+    "      redis.call('PUBLISH', '" CN_REDIS_INVALIDATE_CHANNEL "', ARGV[b + 4] .. ' ' .. ARGV[b + 1])\n"
+    "    end\n"
+    "    stored = stored + 1\n"
+    "  end\n"
     "end\n"
-    "if ARGV[5] == '1' then\n"
-    "  redis.call('PUBLISH', '" CN_REDIS_INVALIDATE_CHANNEL "', ARGV[4] .. ' ' .. ARGV[1])\n"
-    "end\n"
-    "return 1\n";
+    "return stored\n";
+
+/* records per EVALSHA in cn_redis_cache_apply */
+#define S_PUT_CHUNK 64
 
 struct cn_redis {
     char *host;
@@ -222,22 +234,38 @@ cn_redis_cache_apply (cn_redis_t *r, const cn_cache_put_t *puts, size_t n)
         return 0;
     if (!cn_redis_ok (r))
         return -1;
-    for (size_t i = 0; i < n; i++) {
-        char key[64], ver[24];
-        snprintf (key, sizeof key, "cnapi:server:%s", puts[i].uuid);
-        snprintf (ver, sizeof ver, "%lld", (long long) puts[i].version);
-        const char *argv[] = { "EVALSHA", r->sha, "1", key, ver,
-                               puts[i].json ? puts[i].json : "", puts[i].json ? "0" : "1",
-                               puts[i].uuid, puts[i].fill ? "0" : "1" };
-        size_t lens[] = { 7, 40, 1, strlen (key), strlen (ver),
-                          puts[i].json ? puts[i].len : 0, 1, strlen (puts[i].uuid), 1 };
-        if (redisAppendCommandArgv (r->ctx, 9, argv, lens) != REDIS_OK) {
+    size_t calls = 0;
+    for (size_t base = 0; base < n; base += S_PUT_CHUNK) {
+        size_t k = n - base < S_PUT_CHUNK ? n - base : S_PUT_CHUNK;
+        const char *argv[3 + S_PUT_CHUNK * 6];
+        size_t lens[3 + S_PUT_CHUNK * 6];
+        char keys[S_PUT_CHUNK][64], vers[S_PUT_CHUNK][24], nkeys[8];
+        size_t a = 0;
+        snprintf (nkeys, sizeof nkeys, "%zu", k);
+        argv[a] = "EVALSHA", lens[a++] = 7;
+        argv[a] = r->sha, lens[a++] = 40;
+        argv[a] = nkeys, lens[a++] = strlen (nkeys);
+        for (size_t i = 0; i < k; i++) {
+            snprintf (keys[i], sizeof keys[i], "cnapi:server:%s", puts[base + i].uuid);
+            argv[a] = keys[i], lens[a++] = strlen (keys[i]);
+        }
+        for (size_t i = 0; i < k; i++) {
+            const cn_cache_put_t *p = &puts[base + i];
+            snprintf (vers[i], sizeof vers[i], "%lld", (long long) p->version);
+            argv[a] = vers[i], lens[a++] = strlen (vers[i]);
+            argv[a] = p->json ? p->json : "", lens[a++] = p->json ? p->len : 0;
+            argv[a] = p->json ? "0" : "1", lens[a++] = 1;
+            argv[a] = p->uuid, lens[a++] = strlen (p->uuid);
+            argv[a] = p->fill ? "0" : "1", lens[a++] = 1;
+        }
+        if (redisAppendCommandArgv (r->ctx, (int) a, argv, lens) != REDIS_OK) {
             cn_redis_failed (r, "append failed");
             return -1;
         }
+        calls++;
     }
     int rc = 0;
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = 0; i < calls; i++) {
         redisReply *rep = NULL;
         if (redisGetReply (r->ctx, (void **) &rep) != REDIS_OK || !rep) {
             cn_redis_failed (r, r->ctx->errstr[0] ? r->ctx->errstr : "no reply");
