@@ -38,6 +38,7 @@ typedef struct {
     int   sysinfo_freshness_s;/* 90: unsetup servers go unknown after this */
     int   writer_max_batch;   /* 500 messages per transaction */
     int   backend_threads;    /* 2 read workers for the HTTP gateway */
+    int   list_cache_mb;      /* 256: bound of the backends' list-view cache; 0 = off */
 
     /* agent sessions (docs/sessions.md) */
     int   session_heartbeat_ms;   /* 1000: hb to each agent this often */
