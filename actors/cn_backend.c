@@ -21,6 +21,20 @@
  * answer ("persist, then reply"). A write the writer has not answered within
  * a bound is answered 503 so no caller is held forever.
  *
+ * GET /servers without extras or fields (the list sdc-clients pages through)
+ * is served from views rendered once per record version: the list-view
+ * cache (lib/cn_listcache.c), one for all the backends, keyed by the
+ * record's _key and matched against its _etag and _id. A request reads the
+ * page's keys, etags and versions (no values) and takes each row's view
+ * from the cache; only when some are missing does it read the page again,
+ * with the values of just those (the store leaves out the ones held), and
+ * render them. Each row's status, the one part of a list view that depends
+ * on the time and the status table, is spliced in per response from the
+ * view's status inputs, so the bytes are those of a full render. The
+ * versions are checked against the store on every request: the cache
+ * never answers a version the store no longer has. Other list queries
+ * render every record from its value, as before.
+ *
  * Parameter handling follows restify as the reference uses it: the route's
  * :server_uuid first, then the query string, then a JSON body; a later source
  * only fills a name whose earlier value is falsy (JavaScript truthiness).
@@ -75,6 +89,7 @@ typedef struct {
     /* counters for STATUS */
     uint64_t requests, replies_2xx, replies_4xx, replies_5xx;
     uint64_t cache_hits, cache_misses, store_reads, writes_sent, write_timeouts;
+    uint64_t list_rows_cached, list_rows_rendered, list_refetches;
 } backend_t;
 
 /* ------------------------------------------------------------------ */
@@ -394,8 +409,9 @@ typedef struct {
     size_t len, cap;
 } sbuf_t;
 
+/* Room for n more bytes and a NUL. */
 static void
-s_sbuf_add (sbuf_t *b, const char *s, size_t n)
+s_sbuf_reserve (sbuf_t *b, size_t n)
 {
     if (b->len + n + 1 > b->cap) {
         size_t cap = b->cap ? b->cap : 4096;
@@ -407,11 +423,18 @@ s_sbuf_add (sbuf_t *b, const char *s, size_t n)
         b->data = d;
         b->cap = cap;
     }
+}
+
+static void
+s_sbuf_add (sbuf_t *b, const char *s, size_t n)
+{
+    s_sbuf_reserve (b, n);
     memcpy (b->data + b->len, s, n);
     b->len += n;
     b->data[b->len] = 0;
 }
 
+/* The list rendered from every record's value (any query). */
 typedef struct {
     backend_t *self;
     const cn_server_query_t *q;
@@ -457,6 +480,241 @@ s_list_row (const cn_mobj_t *obj, void *arg)
     return 0;
 }
 
+/* "[...]" into *out (the caller frees out->data); a cn_moray_rc. */
+static int
+s_list_render (backend_t *self, const cn_server_query_t *q, int64_t now, sbuf_t *out)
+{
+    list_ctx_t lc;
+    memset (&lc, 0, sizeof lc);
+    lc.self = self;
+    lc.q = q;
+    lc.now = now;
+    s_sbuf_add (&lc.out, "[", 1);
+    cn_mfind_opts_t opts = { .limit = q->limit, .offset = q->offset, .sort = "_key" };
+    self->store_reads++;
+    int rc = cn_moray_find (self->moray, CN_BUCKET_SERVERS,
+                            q->filter ? q->filter : "(_key=*)", &opts, s_list_row, &lc);
+    if (rc != CN_MORAY_OK) {
+        free (lc.out.data);
+        return rc;
+    }
+    s_sbuf_add (&lc.out, "]", 1);
+    *out = lc.out;
+    return rc;
+}
+
+/* The default list (no extras, no fields) from the shared list-view cache
+ * (lib/cn_listcache.c). First the page's keys, etags and versions only;
+ * every row whose view the cache holds for that version is taken from it.
+ * When some are not, a second find (the same filter, limit and offset)
+ * sends the values of only those: the held ones come back without their
+ * value (cn_mfind_opts_t held_*), and the page is that statement's, one
+ * snapshot as before. The new views are rendered and put in the cache.
+ * Each row's status is spliced in at the end, computed now from the view's
+ * status inputs and the status table, as a full render would. */
+typedef struct {
+    char key[CN_LVIEW_KEY_MAX + 1];  /* "" when too long to cache */
+    char etag[9];
+    int64_t version;
+    cn_lview_t *view;                /* a reference, or NULL */
+    char *text;                      /* rendered whole (not cacheable), or NULL */
+} lrow_t;
+
+typedef struct {
+    backend_t *self;
+    int64_t now;
+    lrow_t *rows;
+    size_t n, cap;
+    size_t misses;
+    /* the second find: the first's rows (their views move to rows) */
+    lrow_t *held;
+    size_t nheld, cursor;
+    bool broken;
+} lcached_t;
+
+static lrow_t *
+s_lrow_push (lcached_t *lc)
+{
+    if (lc->n == lc->cap) {
+        size_t cap = lc->cap ? lc->cap * 2 : 256;
+        lrow_t *r = realloc (lc->rows, cap * sizeof *r);
+        if (!r)
+            abort ();
+        lc->rows = r;
+        lc->cap = cap;
+    }
+    lrow_t *r = &lc->rows[lc->n++];
+    memset (r, 0, sizeof *r);
+    return r;
+}
+
+static void
+s_lrows_free (lrow_t *rows, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        cn_lview_release (&rows[i].view);
+        free (rows[i].text);
+    }
+    free (rows);
+}
+
+/* First find: a row per key, with the cache's view when it has that version. */
+static int
+s_lc_key (const cn_mobj_t *obj, void *arg)
+{
+    lcached_t *lc = arg;
+    lrow_t *r = s_lrow_push (lc);
+    size_t klen = strlen (obj->key);
+    if (klen <= CN_LVIEW_KEY_MAX) {
+        memcpy (r->key, obj->key, klen + 1);
+        memcpy (r->etag, obj->etag, sizeof r->etag);
+        r->version = obj->id;
+        r->view = cn_listcache_get (lc->self->args->lcache, obj->key, obj->etag, obj->id);
+    }
+    if (!r->view)
+        lc->misses++;
+    return 0;
+}
+
+/* The first find's row for a value the second left out: the next one in
+ * order, normally (both are sorted alike), else anywhere. */
+static lrow_t *
+s_lc_held (lcached_t *lc, const cn_mobj_t *obj)
+{
+    for (size_t k = 0; k < lc->nheld; k++) {
+        size_t i = (lc->cursor + k) % lc->nheld;
+        lrow_t *h = &lc->held[i];
+        if (h->view && h->version == obj->id && strcmp (h->key, obj->key) == 0
+            && strcmp (h->etag, obj->etag) == 0) {
+            lc->cursor = i + 1;
+            return h;
+        }
+    }
+    return NULL;
+}
+
+/* Second find: held rows come without a value; the others are rendered. */
+static int
+s_lc_row (const cn_mobj_t *obj, void *arg)
+{
+    lcached_t *lc = arg;
+    backend_t *self = lc->self;
+    if (!obj->value) {
+        lrow_t *h = s_lc_held (lc, obj);
+        if (!h) {
+            lc->broken = true;      /* a value left out that we do not hold */
+            return 1;
+        }
+        lrow_t *r = s_lrow_push (lc);
+        *r = *h;
+        h->view = NULL;
+        self->list_rows_cached++;
+        return 0;
+    }
+    json_t *rec = cn_json_load_without (obj->value, obj->value_len, "sysinfo");
+    if (!rec || !json_is_object (rec)) {
+        if (rec)
+            json_decref (rec);
+        CN_WARN (self->component, "stored server record is not a JSON object",
+                 "{s:s}", "server_uuid", obj->key);
+        return 0;
+    }
+    lrow_t *r = s_lrow_push (lc);
+    self->list_rows_rendered++;
+    r->view = cn_lview_new (rec, obj->key, obj->etag, obj->id, CN_BACKEND_JSON_FLAGS);
+    if (r->view)
+        cn_listcache_put (self->args->lcache, r->view);
+    else {
+        /* not cacheable (see cn_lview_new): the whole row, as the other path */
+        json_t *view = cn_server_render (rec, false, 0, NULL, 0, lc->now,
+                                         self->cfg->sysinfo_freshness_s, self->args->live);
+        r->text = view ? json_dumps (view, CN_BACKEND_JSON_FLAGS) : NULL;
+        if (view)
+            json_decref (view);
+    }
+    json_decref (rec);
+    return 0;
+}
+
+/* As s_list_render, for the default view; 1 when it could not (the caller
+ * renders instead), else a cn_moray_rc. */
+static int
+s_list_cached (backend_t *self, const cn_server_query_t *q, int64_t now, sbuf_t *out)
+{
+    lcached_t lc;
+    memset (&lc, 0, sizeof lc);
+    lc.self = self;
+    lc.now = now;
+    const char *filter = q->filter ? q->filter : "(_key=*)";
+    cn_mfind_opts_t opts = { .limit = q->limit, .offset = q->offset, .sort = "_key",
+                             .no_values = true };
+    self->store_reads++;
+    int rc = cn_moray_find (self->moray, CN_BUCKET_SERVERS, filter, &opts, s_lc_key, &lc);
+    if (rc == CN_MORAY_OK && lc.misses == 0)
+        self->list_rows_cached += lc.n;
+    if (rc == CN_MORAY_OK && lc.misses > 0) {
+        /* the second find, holding the views found */
+        lc.held = lc.rows;
+        lc.nheld = lc.n;
+        lc.rows = NULL;
+        lc.n = lc.cap = 0;
+        size_t nh = 0;
+        const char **keys = calloc (lc.nheld + 1, sizeof *keys);
+        const char **etags = calloc (lc.nheld + 1, sizeof *etags);
+        int64_t *ids = calloc (lc.nheld + 1, sizeof *ids);
+        if (!keys || !etags || !ids)
+            abort ();
+        for (size_t i = 0; i < lc.nheld; i++)
+            if (lc.held[i].view) {
+                keys[nh] = lc.held[i].key;
+                etags[nh] = lc.held[i].etag;
+                ids[nh++] = lc.held[i].version;
+            }
+        opts = (cn_mfind_opts_t) { .limit = q->limit, .offset = q->offset, .sort = "_key",
+                                   .held_keys = keys, .held_etags = etags, .held_ids = ids,
+                                   .nheld = nh };
+        self->list_refetches++;
+        self->store_reads++;
+        rc = cn_moray_find (self->moray, CN_BUCKET_SERVERS, filter, &opts, s_lc_row, &lc);
+        free (keys);
+        free (etags);
+        free (ids);
+        s_lrows_free (lc.held, lc.nheld);
+        if (rc == CN_MORAY_OK && lc.broken) {
+            CN_ERROR (self->component, "the store left out a value not held; "
+                      "rendering the list instead", NULL);
+            s_lrows_free (lc.rows, lc.n);
+            return 1;
+        }
+    }
+    if (rc != CN_MORAY_OK) {
+        s_lrows_free (lc.rows, lc.n);
+        return rc;
+    }
+    sbuf_t b = { 0 };
+    s_sbuf_add (&b, "[", 1);
+    size_t count = 0;
+    int fresh = self->cfg->sysinfo_freshness_s;
+    for (size_t i = 0; i < lc.n; i++) {
+        lrow_t *r = &lc.rows[i];
+        if (!r->view && !r->text)
+            continue;
+        if (count++)
+            s_sbuf_add (&b, ",", 1);
+        if (r->text) {
+            s_sbuf_add (&b, r->text, strlen (r->text));
+            continue;
+        }
+        const char *st = cn_server_status_of (&r->view->in, now, fresh, self->args->live, NULL);
+        s_sbuf_reserve (&b, r->view->len + strlen (st) + CN_LVIEW_SPLICE_EXTRA);
+        b.len += cn_lview_splice (r->view, st, b.data + b.len);
+    }
+    s_sbuf_add (&b, "]", 1);
+    s_lrows_free (lc.rows, lc.n);
+    *out = b;
+    return CN_MORAY_OK;
+}
+
 static void
 s_op_server_list (backend_t *self, const cn_msg_t *m, rctx_t *c)
 {
@@ -475,31 +733,25 @@ s_op_server_list (backend_t *self, const cn_msg_t *m, rctx_t *c)
     }
     json_decref (params);
 
-    list_ctx_t lc;
-    memset (&lc, 0, sizeof lc);
-    lc.self = self;
-    lc.q = &q;
-    lc.now = cn_now_ms ();
-    s_sbuf_add (&lc.out, "[", 1);
-    cn_mfind_opts_t opts = { .limit = q.limit, .offset = q.offset, .sort = "_key" };
-    self->store_reads++;
-    int rc = cn_moray_find (self->moray, CN_BUCKET_SERVERS,
-                            q.filter ? q.filter : "(_key=*)", &opts, s_list_row, &lc);
+    int64_t now = cn_now_ms ();
+    sbuf_t out = { 0 };
+    int rc = 1;
+    if (self->args->lcache && q.extras == 0 && q.nfields == 0)
+        rc = s_list_cached (self, &q, now, &out);
+    if (rc == 1)
+        rc = s_list_render (self, &q, now, &out);
     cn_server_query_fini (&q);
     if (rc == CN_MORAY_EIO) {
-        free (lc.out.data);
         s_reply_error (self, c->id, c->req_id, 500, "InternalError",
                        "the store is unreachable: %s", cn_moray_errmsg (self->moray));
         return;
     }
     if (rc != CN_MORAY_OK) {
-        free (lc.out.data);
         s_reply_error (self, c->id, c->req_id, 500, "InternalError",
                        "store error: %s", cn_moray_errmsg (self->moray));
         return;
     }
-    s_sbuf_add (&lc.out, "]", 1);
-    s_reply (self, c->id, 200, lc.out.data, lc.out.len);
+    s_reply (self, c->id, 200, out.data, out.len);
 }
 
 /* Queue a write for the writer; the answer comes with its "result". */
@@ -850,7 +1102,7 @@ static void
 s_status (backend_t *self, zsock_t *dest)
 {
     cn_msgw_t w;
-    cn_msgw_init (&w, "status", 15);
+    cn_msgw_init (&w, "status", 18);
     cn_msgw_str (&w, "actor", "backend");
     cn_msgw_str (&w, "state", self->started ? "running" : "stopped");
     cn_msgw_int (&w, "index", self->args->index);
@@ -866,6 +1118,9 @@ s_status (backend_t *self, zsock_t *dest)
     cn_msgw_uint (&w, "writes_sent", self->writes_sent);
     cn_msgw_uint (&w, "writes_in_flight", zhashx_size (self->wpending));
     cn_msgw_uint (&w, "write_timeouts", self->write_timeouts);
+    cn_msgw_uint (&w, "list_rows_cached", self->list_rows_cached);
+    cn_msgw_uint (&w, "list_rows_rendered", self->list_rows_rendered);
+    cn_msgw_uint (&w, "list_refetches", self->list_refetches);
     zframe_t *f = cn_msgw_frame (&w);
     zframe_send (&f, dest, 0);
 }

@@ -13,7 +13,9 @@
  *                      backends, and never waits on anything but its own
  *                      sockets.
  *   backend actors     (cn_backend) do the blocking work: store, cache,
- *                      writer.
+ *                      writer. The gateway makes the list-view cache they
+ *                      share (lib/cn_listcache.c, GET /servers rows) before
+ *                      it starts them and frees it after they are gone.
  *
  * A request that needs the store becomes one msgpack frame (proto/backend.md)
  * pushed with ZMQ_DONTWAIT to CN_BACKEND_ENDPOINT; a full queue answers 503
@@ -205,6 +207,7 @@ struct gw {
     /* agent sessions (cn_hub: in the h2o thread) and the status table */
     cn_hub_t *hub;
     cn_liveness_t *live;
+    cn_listcache_t *lcache;     /* the backends' GET /servers rows (shared) */
 
     /* h2o thread only */
     pending_t *ptable[PENDING_BUCKETS];
@@ -1460,6 +1463,7 @@ s_stop (gw_t *gw)
     free (gw->bargs);
     gw->bargs = NULL;
     gw->nbackends = 0;
+    cn_listcache_destroy (&gw->lcache);
     cn_liveness_destroy (&gw->live);
     zsock_destroy (&gw->push);
     if (gw->ctl) {
@@ -1572,6 +1576,8 @@ s_start (gw_t *gw, char *reason, size_t rlen)
     h2o_socket_read_start (gw->listener, s_on_accept);
 
     /* backends */
+    if (cfg->list_cache_mb > 0)
+        gw->lcache = cn_listcache_new ((size_t) cfg->list_cache_mb << 20);
     int n = cfg->backend_threads > 0 ? cfg->backend_threads : 1;
     gw->backends = calloc ((size_t) n, sizeof *gw->backends);
     gw->bargs = calloc ((size_t) n, sizeof *gw->bargs);
@@ -1582,6 +1588,7 @@ s_start (gw_t *gw, char *reason, size_t rlen)
         gw->bargs[i].receiver = &gw->reply_rx;
         gw->bargs[i].index = i;
         gw->bargs[i].live = gw->live;
+        gw->bargs[i].lcache = gw->lcache;
         gw->backends[i] = zactor_new (cn_backend_actor, &gw->bargs[i]);
         gw->nbackends = i + 1;
         if (!gw->backends[i]) {
@@ -1683,8 +1690,12 @@ fail:
 static void
 s_status (gw_t *gw, zsock_t *dest)
 {
+    cn_listcache_stats_t ls;
+    memset (&ls, 0, sizeof ls);
+    if (gw->lcache)
+        cn_listcache_stats (gw->lcache, &ls);
     cn_msgw_t w;
-    cn_msgw_init (&w, "status", 17);
+    cn_msgw_init (&w, "status", 23);
     cn_msgw_str (&w, "actor", "gateway");
     cn_msgw_str (&w, "state", gw->started ? "running" : "stopped");
     cn_msgw_str (&w, "listen", gw->listen);
@@ -1704,6 +1715,13 @@ s_status (gw_t *gw, zsock_t *dest)
 #undef U
     cn_msgw_bool (&w, "near_cache", atomic_load (&gw->sub_up_flag));
     cn_msgw_int (&w, "backends", gw->nbackends);
+    /* the backends' list views (lib/cn_listcache.c), rows not requests */
+    cn_msgw_uint (&w, "list_cache_entries", ls.entries);
+    cn_msgw_uint (&w, "list_cache_bytes", ls.bytes);
+    cn_msgw_uint (&w, "list_cache_max_bytes", ls.max_bytes);
+    cn_msgw_uint (&w, "list_cache_hits", ls.hits);
+    cn_msgw_uint (&w, "list_cache_misses", ls.misses);
+    cn_msgw_uint (&w, "list_cache_evictions", ls.evictions);
     zframe_t *f = cn_msgw_frame (&w);
     zframe_send (&f, dest, 0);
 }

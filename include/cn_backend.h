@@ -32,6 +32,7 @@
 #include <h2o.h>
 
 #include "cn_config.h"
+#include "cn_listcache.h"
 #include "cn_liveness.h"
 #include "cn_server.h"
 
@@ -40,6 +41,8 @@ typedef struct {
     h2o_multithread_receiver_t *receiver;   /* the gateway's reply queue */
     int index;                              /* 0..backend_threads-1, for logs */
     const cn_liveness_t *live;              /* the status table (may be NULL) */
+    cn_listcache_t *lcache;                 /* the list views, shared by the
+                                               backends (NULL: none) */
     /* services only (actors/cn_gateway.c s_services): the session hub's
      * mailbox (include/cn_hub.h, CN_HUB_SEND) and this instance's boot id */
     h2o_multithread_receiver_t *hub;

@@ -41,6 +41,7 @@ typedef struct {
     int   writer_max_batch;   /* 500 messages per transaction */
     int   writer_shards;      /* 2 state writers (at most CN_WRITER_MAX_SHARDS), by server uuid */
     int   backend_threads;    /* 2 read workers for the HTTP gateway */
+    int   list_cache_mb;      /* 256: bound of the backends' list-view cache; 0 = off */
 
     /* agent sessions (docs/sessions.md) */
     int   session_heartbeat_ms;   /* 1000: hb to each agent this often */

@@ -86,9 +86,25 @@ typedef struct {
     int64_t offset;
     const char *sort;         /* indexed field or "_key"/"_id"/"_mtime"; NULL = _key */
     bool descending;
+    /* Values the caller holds already (cn_moray_lock_many's idea, for a
+     * find): a row whose _key is held_keys[i] and whose _etag is
+     * held_etags[i] (and, when held_ids is not NULL, whose _id is
+     * held_ids[i]) comes with value NULL (value_len 0); PostgreSQL neither
+     * reads nor sends it. nheld entries (0: none); the rows, their order,
+     * limit and offset are those of the same find without them (one
+     * statement, one snapshot). */
+    const char *const *held_keys;
+    const char *const *held_etags;
+    const int64_t *held_ids;
+    size_t nheld;
+    /* Every row with value NULL: keys, etags, versions and mtimes only. Not
+     * with held values (CN_MORAY_EINVAL). */
+    bool no_values;
 } cn_mfind_opts_t;
 
-/* Callback per row; return non-zero to stop early. The object is only valid during the call. */
+/* Callback per row; return non-zero to stop early. The object is only valid
+ * during the call; its value is NULL only where the options above left it
+ * out. */
 typedef int (*cn_mfind_cb) (const cn_mobj_t *obj, void *arg);
 
 /* Find by an LDAP filter on indexed fields (Moray's filter language, see

@@ -2063,6 +2063,47 @@ cn_moray_del (cn_moray_t *m, const char *bucket, const char *key, const char *et
     return s_del_one (m, b, key, etag, out_id);
 }
 
+/* Binary text[] parameter (array_send format). */
+typedef struct {
+    s_sb_t b;
+    bool hasnull;
+} s_arr_t;
+
+static void
+s_arr_i32 (s_arr_t *a, int32_t v)
+{
+    uint32_t n = htonl ((uint32_t) v);
+    s_sb_add (&a->b, &n, 4);
+}
+
+static void
+s_arr_begin (s_arr_t *a, size_t n)
+{
+    memset (a, 0, sizeof *a);
+    s_arr_i32 (a, 1);                   /* ndim */
+    s_arr_i32 (a, 0);                   /* flags: has nulls, patched */
+    s_arr_i32 (a, S_OID_TEXT);          /* element type */
+    s_arr_i32 (a, (int32_t) n);         /* dimension */
+    s_arr_i32 (a, 1);                   /* lower bound */
+}
+
+static void
+s_arr_add (s_arr_t *a, const char *s)
+{
+    if (!s) {
+        s_arr_i32 (a, -1);
+        if (!a->hasnull && !a->b.oom) {
+            a->hasnull = true;
+            uint32_t one = htonl (1);
+            memcpy (a->b.d + 4, &one, 4);
+        }
+        return;
+    }
+    size_t n = strlen (s);
+    s_arr_i32 (a, (int32_t) n);
+    s_sb_add (&a->b, s, n);
+}
+
 int
 cn_moray_find (cn_moray_t *m, const char *bucket, const char *filter,
                const cn_mfind_opts_t *opts, cn_mfind_cb cb, void *arg)
@@ -2075,6 +2116,13 @@ cn_moray_find (cn_moray_t *m, const char *bucket, const char *filter,
         s_err (m, "find: filter and callback required; limit and offset >= 0");
         return CN_MORAY_EINVAL;
     }
+    if (o.nheld && (!o.held_keys || !o.held_etags || o.no_values)) {
+        s_err (m, "find: held values need keys and etags, and values asked for");
+        return CN_MORAY_EINVAL;
+    }
+    for (size_t i = 0; i < o.nheld; i++)
+        if (!s_key_ok (m, o.held_keys[i]))
+            return CN_MORAY_EINVAL;
     s_bucket_t *b;
     int rc = s_bucket (m, bucket, &b);
     if (rc)
@@ -2107,20 +2155,69 @@ cn_moray_find (cn_moray_t *m, const char *bucket, const char *filter,
         return CN_MORAY_EINVAL;
     }
     const char *dir = o.descending ? " DESC" : "";
+    bool tie = strcmp (sort, "_key") != 0;
     s_sb_t s = { 0 };
-    s_sb_printf (&s, "SELECT _key, _value, _etag, _id, _mtime FROM %s WHERE %s ORDER BY %s%s",
-                 b->ident, w.sql, sort, dir);
-    if (strcmp (sort, "_key") != 0)
-        s_sb_printf (&s, ", _key%s", dir);
-    s_sb_printf (&s, " LIMIT $%d OFFSET $%d", w.nparams + 1, w.nparams + 2);
-    int n = w.nparams + 2;
+    if (o.nheld == 0) {
+        s_sb_printf (&s, "SELECT _key, %s, _etag, _id, _mtime FROM %s WHERE %s ORDER BY %s%s",
+                     o.no_values ? "NULL::text" : "_value", b->ident, w.sql, sort, dir);
+        if (tie)
+            s_sb_printf (&s, ", _key%s", dir);
+        s_sb_printf (&s, " LIMIT $%d OFFSET $%d", w.nparams + 1, w.nparams + 2);
+    }
+    else {
+        /* The page first (the filter's plan, LIMIT on the sorted index),
+         * then its rows joined to what the caller holds: a value is left
+         * out (never read nor sent) where the stored etag, and version when
+         * given, are the caller's. The page is sorted again by the same
+         * keys (a join keeps no order); DISTINCT ON keeps a key the caller
+         * named twice from doubling its row. */
+        s_sb_printf (&s, "SELECT t._key, CASE WHEN t._etag = u.e AND (u.i IS NULL OR "
+                     "t._id = u.i::bigint) THEN NULL ELSE t._value END, t._etag, t._id, "
+                     "t._mtime FROM (SELECT _key, _value, _etag, _id, _mtime, %s AS _cn_sort "
+                     "FROM %s WHERE %s ORDER BY %s%s", sort, b->ident, w.sql, sort, dir);
+        if (tie)
+            s_sb_printf (&s, ", _key%s", dir);
+        s_sb_printf (&s, " LIMIT $%d OFFSET $%d) AS t LEFT JOIN (SELECT DISTINCT ON (k) k, e, i "
+                     "FROM unnest ($%d::text[], $%d::text[], $%d::text[]) AS x (k, e, i)) "
+                     "AS u ON u.k = t._key ORDER BY t._cn_sort%s", w.nparams + 1,
+                     w.nparams + 2, w.nparams + 3, w.nparams + 4, w.nparams + 5, dir);
+        if (tie)
+            s_sb_printf (&s, ", t._key%s", dir);
+    }
+    int n = w.nparams + 2 + (o.nheld ? 3 : 0);
     const char **v = calloc ((size_t) n, sizeof *v);
+    int *lens = calloc ((size_t) n, sizeof *lens);
+    int *fmts = calloc ((size_t) n, sizeof *fmts);
+    Oid *types = calloc ((size_t) n, sizeof *types);
     char lim[24], off[24];
     snprintf (lim, sizeof lim, "%" PRId64, o.limit);
     snprintf (off, sizeof off, "%" PRId64, o.offset);
-    if (s.oom || !v) {
+    s_arr_t ak, ae, ai;
+    memset (&ak, 0, sizeof ak);
+    memset (&ae, 0, sizeof ae);
+    memset (&ai, 0, sizeof ai);
+    if (o.nheld) {
+        s_arr_begin (&ak, o.nheld);
+        s_arr_begin (&ae, o.nheld);
+        s_arr_begin (&ai, o.nheld);
+        for (size_t i = 0; i < o.nheld; i++) {
+            char id[24];
+            s_arr_add (&ak, o.held_keys[i]);
+            s_arr_add (&ae, o.held_etags[i] && *o.held_etags[i] ? o.held_etags[i] : NULL);
+            if (o.held_ids)
+                snprintf (id, sizeof id, "%" PRId64, o.held_ids[i]);
+            s_arr_add (&ai, o.held_ids ? id : NULL);
+        }
+    }
+    if (s.oom || !v || !lens || !fmts || !types || ak.b.oom || ae.b.oom || ai.b.oom) {
         free (s.d);
         free (v);
+        free (lens);
+        free (fmts);
+        free (types);
+        free (ak.b.d);
+        free (ae.b.d);
+        free (ai.b.d);
         cn_sqlwhere_fini (&w);
         s_err (m, "out of memory");
         return CN_MORAY_ESQL;
@@ -2129,10 +2226,20 @@ cn_moray_find (cn_moray_t *m, const char *bucket, const char *filter,
         v[i] = w.params[i];
     v[w.nparams] = o.limit ? lim : NULL;       /* LIMIT NULL: no limit */
     v[w.nparams + 1] = off;
+    if (o.nheld) {
+        s_arr_t *arrs[3] = { &ak, &ae, &ai };
+        for (int i = 0; i < 3; i++) {
+            int k = w.nparams + 2 + i;
+            v[k] = arrs[i]->b.d;
+            lens[k] = (int) arrs[i]->b.len;
+            fmts[k] = 1;
+            types[k] = S_OID_TEXTARRAY;
+        }
+    }
 
     if ((rc = s_ready (m)) == CN_MORAY_OK) {
         int64_t deadline = s_deadline (m);
-        rc = s_send (m, s.d, n, NULL, v, NULL, NULL, true, deadline);
+        rc = s_send (m, s.d, n, types, v, lens, fmts, true, deadline);
         m->busy = true;
         bool stop = false;
         int err = CN_MORAY_OK;
@@ -2167,6 +2274,12 @@ cn_moray_find (cn_moray_t *m, const char *bucket, const char *filter,
     }
     free (s.d);
     free (v);
+    free (lens);
+    free (fmts);
+    free (types);
+    free (ak.b.d);
+    free (ae.b.d);
+    free (ai.b.d);
     cn_sqlwhere_fini (&w);
     return rc;
 }
@@ -2232,47 +2345,6 @@ cn_moray_rollback (cn_moray_t *m)
 }
 
 /* --- many keys ---------------------------------------------------------- */
-
-/* Binary text[] parameter (array_send format). */
-typedef struct {
-    s_sb_t b;
-    bool hasnull;
-} s_arr_t;
-
-static void
-s_arr_i32 (s_arr_t *a, int32_t v)
-{
-    uint32_t n = htonl ((uint32_t) v);
-    s_sb_add (&a->b, &n, 4);
-}
-
-static void
-s_arr_begin (s_arr_t *a, size_t n)
-{
-    memset (a, 0, sizeof *a);
-    s_arr_i32 (a, 1);                   /* ndim */
-    s_arr_i32 (a, 0);                   /* flags: has nulls, patched */
-    s_arr_i32 (a, S_OID_TEXT);          /* element type */
-    s_arr_i32 (a, (int32_t) n);         /* dimension */
-    s_arr_i32 (a, 1);                   /* lower bound */
-}
-
-static void
-s_arr_add (s_arr_t *a, const char *s)
-{
-    if (!s) {
-        s_arr_i32 (a, -1);
-        if (!a->hasnull && !a->b.oom) {
-            a->hasnull = true;
-            uint32_t one = htonl (1);
-            memcpy (a->b.d + 4, &one, 4);
-        }
-        return;
-    }
-    size_t n = strlen (s);
-    s_arr_i32 (a, (int32_t) n);
-    s_sb_add (&a->b, s, n);
-}
 
 /* Open-addressing map (bucket, key) -> op index, for a batch. */
 typedef struct {

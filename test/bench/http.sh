@@ -100,5 +100,5 @@ wrk -t1 -c"$CONNS" -d2s -s "$STATE/uuids.lua" "http://127.0.0.2:$PORT" >/dev/nul
 echo "== GET /servers/:uuid over $SERVERS uuids ($BODY-byte answers): wrk -t1 -c$CONNS -d${SECS}s"
 wrk_cpu "$CNAPID" -t1 -c"$CONNS" -d"${SECS}s" --latency -s "$STATE/uuids.lua" "http://127.0.0.2:$PORT"
 echo "== GET /servers (default page: 1000 of $SERVERS): wrk -t1 -c4 -d${SECS}s"
-wrk -t1 -c4 -d"${SECS}s" --latency "http://127.0.0.2:$PORT/servers" | sed 's/^/   /'
+wrk_cpu "$CNAPID" -t1 -c4 -d"${SECS}s" --latency "http://127.0.0.2:$PORT/servers"
 "$BUILD/cnapictl" -e "ipc://$STATE/a.sock" actors | sed 's/^/   /'

@@ -772,6 +772,138 @@ test_find (void)
     cn_moray_destroy (&m);
 }
 
+/* Rows of a find with what came of each value. */
+typedef struct {
+    int n;
+    char keys[16][16];
+    char etags[16][9];
+    int64_t ids[16];
+    bool has_value[16];
+} s_rows_t;
+
+static int
+s_rows_cb (const cn_mobj_t *o, void *arg)
+{
+    s_rows_t *r = arg;
+    if (r->n < 16) {
+        snprintf (r->keys[r->n], sizeof r->keys[0], "%s", o->key);
+        snprintf (r->etags[r->n], sizeof r->etags[0], "%s", o->etag);
+        r->ids[r->n] = o->id;
+        r->has_value[r->n] = o->value != NULL;
+        if (o->value)
+            CHECK (o->value_len > 0 && o->value[0] == '{');
+        else
+            CHECK_INT (o->value_len, 0);
+    }
+    r->n++;
+    return 0;
+}
+
+static int
+s_rows (cn_moray_t *m, const char *filter, const cn_mfind_opts_t *o, s_rows_t *r)
+{
+    memset (r, 0, sizeof *r);
+    return cn_moray_find (m, BB, filter, o, s_rows_cb, r);
+}
+
+/* Held values and keys only: the same rows as a plain find, the values left
+ * out exactly where the caller holds that version. */
+static void
+test_find_held (void)
+{
+    cn_moray_t *m = s_open ();
+    CHECK_INT (cn_moray_put_bucket (m, BB, s_index, NINDEX), CN_MORAY_OK);
+    for (int i = 0; i < 6; i++) {
+        char k[8], v[128];
+        snprintf (k, sizeof k, "h%d", i);
+        snprintf (v, sizeof v, "{\"hostname\":\"held%d\",\"ram\":%d,\"setup\":%s}", i,
+                  1000 + 7 * (i % 3), i % 2 ? "false" : "true");
+        CHECK_INT (cn_moray_put (m, BB, k, v, NULL, NULL, NULL), CN_MORAY_OK);
+    }
+    s_rows_t all, r;
+    cn_mfind_opts_t o = { .sort = "_key" };
+    CHECK_INT (s_rows (m, "(hostname=held*)", &o, &all), CN_MORAY_OK);
+    CHECK_INT (all.n, 6);
+    for (int i = 0; i < all.n; i++)
+        CHECK (all.has_value[i]);
+
+    /* keys only */
+    o = (cn_mfind_opts_t) { .no_values = true };
+    CHECK_INT (s_rows (m, "(hostname=held*)", &o, &r), CN_MORAY_OK);
+    CHECK_INT (r.n, 6);
+    for (int i = 0; i < r.n && i < all.n; i++) {
+        CHECK_STR (r.keys[i], all.keys[i]);
+        CHECK_STR (r.etags[i], all.etags[i]);
+        CHECK_INT (r.ids[i], all.ids[i]);
+        CHECK (!r.has_value[i]);
+    }
+
+    /* h1 and h4 held with their versions, h2 with a wrong etag, h3 with the
+     * right etag but an old version, h0 twice, a key that is not there */
+    const char *keys[] = { "h1", "h4", "h2", "h3", "h0", "h0", "nope" };
+    const char *etags[] = { all.etags[1], all.etags[4], "00000000", all.etags[3],
+                            all.etags[0], all.etags[0], "12345678" };
+    int64_t ids[] = { all.ids[1], all.ids[4], all.ids[2], all.ids[3] - 1, all.ids[0],
+                      all.ids[0], 1 };
+    o = (cn_mfind_opts_t) { .held_keys = keys, .held_etags = etags, .held_ids = ids,
+                            .nheld = 7 };
+    CHECK_INT (s_rows (m, "(hostname=held*)", &o, &r), CN_MORAY_OK);
+    CHECK_INT (r.n, 6);
+    for (int i = 0; i < r.n && i < all.n; i++) {
+        CHECK_STR (r.keys[i], all.keys[i]);
+        CHECK_STR (r.etags[i], all.etags[i]);
+        CHECK_INT (r.ids[i], all.ids[i]);
+        CHECK_INT (r.has_value[i], !(i == 0 || i == 1 || i == 4));
+    }
+    /* etags alone (no versions): h3 is held too */
+    o.held_ids = NULL;
+    CHECK_INT (s_rows (m, "(hostname=held*)", &o, &r), CN_MORAY_OK);
+    CHECK_INT (r.n, 6);
+    for (int i = 0; i < r.n; i++)
+        CHECK_INT (r.has_value[i], !(i == 0 || i == 1 || i == 3 || i == 4));
+
+    /* a sort on an index, descending, limit and offset: the rows of the same
+     * find without held values */
+    s_rows_t plain;
+    cn_mfind_opts_t p = { .sort = "ram", .descending = true, .limit = 3, .offset = 1 };
+    CHECK_INT (s_rows (m, "(setup=*)", &p, &plain), CN_MORAY_OK);
+    CHECK_INT (plain.n, 3);
+    o.sort = p.sort;
+    o.descending = true;
+    o.limit = 3;
+    o.offset = 1;
+    o.held_ids = ids;
+    CHECK_INT (s_rows (m, "(setup=*)", &o, &r), CN_MORAY_OK);
+    CHECK_INT (r.n, plain.n);
+    for (int i = 0; i < r.n && i < plain.n; i++) {
+        CHECK_STR (r.keys[i], plain.keys[i]);
+        bool held = strcmp (r.keys[i], "h0") == 0 || strcmp (r.keys[i], "h1") == 0
+                    || strcmp (r.keys[i], "h4") == 0;
+        CHECK_INT (r.has_value[i], !held);
+    }
+
+    /* a changed value is sent again */
+    CHECK_INT (cn_moray_put (m, BB, "h1", "{\"hostname\":\"held1\",\"ram\":5}", NULL, NULL, NULL),
+               CN_MORAY_OK);
+    o = (cn_mfind_opts_t) { .held_keys = keys, .held_etags = etags, .held_ids = ids,
+                            .nheld = 2 };
+    CHECK_INT (s_rows (m, "(hostname=held*)", &o, &r), CN_MORAY_OK);
+    CHECK_INT (r.n, 6);
+    CHECK (r.has_value[1]);
+    CHECK (!r.has_value[4]);
+
+    /* errors */
+    o = (cn_mfind_opts_t) { .held_keys = keys, .held_etags = etags, .nheld = 2,
+                            .no_values = true };
+    CHECK_INT (s_rows (m, "(_key=*)", &o, &r), CN_MORAY_EINVAL);
+    o = (cn_mfind_opts_t) { .held_keys = keys, .nheld = 2 };
+    CHECK_INT (s_rows (m, "(_key=*)", &o, &r), CN_MORAY_EINVAL);
+    const char *empty[] = { "" };
+    o = (cn_mfind_opts_t) { .held_keys = empty, .held_etags = etags, .nheld = 1 };
+    CHECK_INT (s_rows (m, "(_key=*)", &o, &r), CN_MORAY_EINVAL);
+    cn_moray_destroy (&m);
+}
+
 /* A callback that tries to use the handle it is called from. */
 static int
 s_reenter_cb (const cn_mobj_t *o, void *arg)
@@ -1250,6 +1382,7 @@ main (void)
     RUN (test_json_fuzz);
     RUN (test_find);
     RUN (test_find_reentry);
+    RUN (test_find_held);
     RUN (test_batch);
     RUN (test_batch_partial);
     RUN (test_batch_large);
