@@ -8,7 +8,9 @@
 #   1. bare-h2o: a fixed JSON answer as long as cnapid's answer for one of the
 #      servers, driven by the same wrk script (the ceiling on this machine);
 #   2. GET /servers/:uuid on cnapid, cycling over all N uuids (wrk Lua);
-#   3. GET /servers (the default page of 1000 servers, as sdc-clients asks).
+#   3. GET /servers (the default page of 1000 servers, as sdc-clients asks);
+#   4. GET /servers?offset=K for every page K = 0, 1000, ... (the whole list,
+#      as a client paging through it reads it).
 # Prints wrk's own summary for each; docs/benchmarks.md records the figures.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -101,4 +103,14 @@ echo "== GET /servers/:uuid over $SERVERS uuids ($BODY-byte answers): wrk -t1 -c
 wrk_cpu "$CNAPID" -t1 -c"$CONNS" -d"${SECS}s" --latency -s "$STATE/uuids.lua" "http://127.0.0.2:$PORT"
 echo "== GET /servers (default page: 1000 of $SERVERS): wrk -t1 -c4 -d${SECS}s"
 wrk_cpu "$CNAPID" -t1 -c4 -d"${SECS}s" --latency "http://127.0.0.2:$PORT/servers"
+cat > "$STATE/pages.lua" <<LUA
+local page = 0
+request = function()
+  local path = "/servers?offset=" .. (page * 1000)
+  page = (page + 1) % $(( (SERVERS + 999) / 1000 ))
+  return wrk.format(nil, path)
+end
+LUA
+echo "== GET /servers?offset=K, every page of $SERVERS in turn: wrk -t1 -c4 -d${SECS}s"
+wrk_cpu "$CNAPID" -t1 -c4 -d"${SECS}s" --latency -s "$STATE/pages.lua" "http://127.0.0.2:$PORT"
 "$BUILD/cnapictl" -e "ipc://$STATE/a.sock" actors | sed 's/^/   /'
