@@ -132,7 +132,7 @@ for i in $(seq 1 "$INSTANCES"); do
 import json,sys; a=json.load(sys.stdin)
 for k in sorted(k for k in a if k.startswith("writer-")):
     w = a[k]
-    print("   bench-%s %s: publish-to-commit p50 %.1f ms, p99 %.1f ms over %d messages" % (sys.argv[1], k, w["publish_to_commit_p50_ms"], w["publish_to_commit_p99_ms"], w["latency_samples"]))' "$i"
+    print("   bench-%s %s: publish-to-commit p50 %.1f ms, p99 %.1f ms over %d messages (all along: %d batches, avg %.1f)" % (sys.argv[1], k, w["publish_to_commit_p50_ms"], w["publish_to_commit_p99_ms"], w["latency_samples"], w["batches"], w["avg_batch"]))' "$i"
 done
 
 echo "== baselines on this machine"
