@@ -646,9 +646,9 @@ s_run_batch (self_t *self, s_req_t **reqs, size_t n, s_res_t *res)
         opmap[nops++] = i;
     }
     size_t failed = 0;
-    rc = nops ? cn_moray_batch (self->moray, ops, nops, &failed) : CN_MORAY_OK;
-    if (rc == CN_MORAY_OK)
-        rc = cn_moray_commit (self->moray);
+    /* the batch ends the transaction (commit, or rollback on failure) */
+    rc = nops ? cn_moray_batch_final (self->moray, ops, nops, &failed)
+              : cn_moray_commit (self->moray);
     if (rc != CN_MORAY_OK) {
         out = rc == CN_MORAY_EIO ? RUN_EIO : rc == CN_MORAY_CONFLICT ? RUN_CONFLICT : RUN_ERROR;
         if (out == RUN_ERROR)

@@ -147,6 +147,12 @@ typedef struct {
 /* Runs inside the caller's transaction if one is open, else in its own.
  * On CN_MORAY_CONFLICT, *failed (may be NULL) is the index of the op. */
 int cn_moray_batch (cn_moray_t *m, cn_mop_t *ops, size_t n, size_t *failed);
+/* The same as the last work of the caller's open transaction, which it
+ * ends: committed when every op was written, else rolled back (the
+ * transaction is over either way; cn_moray_rollback after it is a no-op).
+ * Two round trips fewer than cn_moray_batch + cn_moray_commit (no
+ * savepoint). CN_MORAY_EINVAL without an open transaction. */
+int cn_moray_batch_final (cn_moray_t *m, cn_mop_t *ops, size_t n, size_t *failed);
 /* The same, but each op's condition is its own: an op whose etag condition
  * fails (or a delete of a missing object) is skipped and the others are
  * still written. applied[i] (n entries) tells which ops were written (their

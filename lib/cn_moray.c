@@ -94,6 +94,7 @@ struct cn_moray {
     bool txn_lost;              /* the caller's transaction died with the connection */
     int connect_failures;
     bool busy;                  /* a find is delivering rows */
+    bool begin_pending;         /* cn_moray_begin: BEGIN goes with the next statement */
     s_bucket_t **buckets;
     size_t nbuckets, cbuckets;
     char sqlstate[6];
@@ -355,6 +356,7 @@ s_reset (cn_moray_t *m)
         m->in_txn = false;
         m->txn_lost = true;
     }
+    m->begin_pending = false;
 }
 
 /* Wait until fd is ready for events or deadline (monotonic us) passes.
@@ -515,11 +517,25 @@ s_fail_result (cn_moray_t *m, PGresult *r)
 }
 
 /* Send one statement and flush it, bounded. */
+static int s_cmd (cn_moray_t *m, const char *sql);
+static int s_flush (cn_moray_t *m, int64_t deadline);
+static int s_collect (cn_moray_t *m, int64_t deadline, PGresult **out);
+static int s_exec_begun (cn_moray_t *m, const char *sql, int n, const Oid *types,
+                         const char *const *vals, const int *lens, const int *fmts,
+                         PGresult **out);
+
 static int
 s_send (cn_moray_t *m, const char *sql, int n, const Oid *types,
         const char *const *vals, const int *lens, const int *fmts, bool single_row,
         int64_t deadline)
 {
+    if (m->begin_pending) {
+        /* a statement s_exec cannot pipeline with it (s_exec_begun) */
+        m->begin_pending = false;
+        int rc = s_cmd (m, "BEGIN");
+        if (rc != CN_MORAY_OK)
+            return rc;
+    }
     /* without parameters: the simple protocol, which allows several
      * statements in one string (our DDL) */
     int sent = n == 0 && !single_row ? PQsendQuery (m->conn, sql)
@@ -528,6 +544,13 @@ s_send (cn_moray_t *m, const char *sql, int n, const Oid *types,
         return s_fail_result (m, NULL);
     if (single_row && !PQsetSingleRowMode (m->conn))
         return s_fail_result (m, NULL);
+    return s_flush (m, deadline);
+}
+
+/* Everything sent so far out to the server, bounded. */
+static int
+s_flush (cn_moray_t *m, int64_t deadline)
+{
     for (;;) {
         int f = PQflush (m->conn);
         if (f == 0)
@@ -591,10 +614,21 @@ s_exec (cn_moray_t *m, const char *sql, int n, const Oid *types,
         s_err (m, "not connected");
         return CN_MORAY_EIO;
     }
+    if (m->begin_pending && n > 0)
+        return s_exec_begun (m, sql, n, types, vals, lens, fmts, out);
     int64_t deadline = s_deadline (m);
     int rc = s_send (m, sql, n, types, vals, lens, fmts, false, deadline);
     if (rc != CN_MORAY_OK)
         return rc;
+    return s_collect (m, deadline, out);
+}
+
+/* The results of one statement up to its end (NULL): its last result, or
+ * its first error, into *out; a cn_moray_rc. */
+static int
+s_collect (cn_moray_t *m, int64_t deadline, PGresult **out)
+{
+    int rc;
     PGresult *keep = NULL;
     for (;;) {
         PGresult *r;
@@ -632,6 +666,63 @@ s_exec (cn_moray_t *m, const char *sql, int n, const Oid *types,
     }
     *out = keep;
     return CN_MORAY_OK;
+}
+
+/* The first statement of a transaction (cn_moray_begin deferred its BEGIN):
+ * BEGIN and the statement go in one pipeline (one round trip instead of
+ * two), then a Sync. Results: BEGIN's, its end, the statement's up to their
+ * end, the Sync's. */
+static int
+s_exec_begun (cn_moray_t *m, const char *sql, int n, const Oid *types,
+              const char *const *vals, const int *lens, const int *fmts, PGresult **out)
+{
+    m->begin_pending = false;
+    int64_t deadline = s_deadline (m);
+    if (!PQenterPipelineMode (m->conn)) {
+        int rc = s_cmd (m, "BEGIN");
+        return rc != CN_MORAY_OK ? rc : s_exec (m, sql, n, types, vals, lens, fmts, out);
+    }
+    if (!PQsendQueryParams (m->conn, "BEGIN", 0, NULL, NULL, NULL, NULL, 0)
+        || !PQsendQueryParams (m->conn, sql, n, types, vals, lens, fmts, 0)
+        || !PQpipelineSync (m->conn)) {
+        int rc = s_fail_result (m, NULL);
+        if (m->conn)
+            s_reset (m);    /* a half-sent pipeline: start afresh */
+        return rc != CN_MORAY_OK ? rc : CN_MORAY_EIO;
+    }
+    int rc = s_flush (m, deadline);
+    if (rc != CN_MORAY_OK)
+        return rc;
+    PGresult *begin = NULL, *end = NULL;
+    rc = s_collect (m, deadline, &begin);
+    PQclear (begin);
+    if (rc == CN_MORAY_OK)
+        rc = s_collect (m, deadline, out);
+    else {
+        /* the statement was skipped (PIPELINE_ABORTED): read past it */
+        PGresult *skip = NULL;
+        if (m->conn && s_collect (m, deadline, &skip) == CN_MORAY_OK)
+            PQclear (skip);
+    }
+    if (!m->conn)
+        return rc != CN_MORAY_OK ? rc : CN_MORAY_EIO;
+    /* the Sync */
+    int rs = s_next (m, deadline, &end);
+    if (rs != CN_MORAY_OK) {
+        PQclear (*out);
+        *out = NULL;
+        return rs;
+    }
+    bool synced = end && PQresultStatus (end) == PGRES_PIPELINE_SYNC;
+    PQclear (end);
+    if (!synced || !PQexitPipelineMode (m->conn)) {
+        s_err (m, "pipeline did not end with its sync");
+        PQclear (*out);
+        *out = NULL;
+        s_reset (m);
+        return CN_MORAY_EIO;
+    }
+    return rc;
 }
 
 /* A statement without parameters whose result we don't need. */
@@ -2298,10 +2389,11 @@ cn_moray_begin (cn_moray_t *m)
     int rc = s_ready (m);
     if (rc)
         return rc;
-    rc = s_cmd (m, "BEGIN");
-    if (rc == CN_MORAY_OK)
-        m->in_txn = true;
-    return rc;
+    /* BEGIN is sent with the first statement (s_exec_begun): one round
+     * trip fewer per transaction */
+    m->begin_pending = true;
+    m->in_txn = true;
+    return CN_MORAY_OK;
 }
 
 int
@@ -2316,6 +2408,12 @@ cn_moray_commit (cn_moray_t *m)
     if (!m->in_txn) {
         s_err (m, "no transaction is open");
         return CN_MORAY_EINVAL;
+    }
+    if (m->begin_pending) {
+        /* nothing was sent: nothing to commit */
+        m->begin_pending = false;
+        m->in_txn = false;
+        return CN_MORAY_OK;
     }
     PGresult *r;
     int rc = s_exec (m, "COMMIT", 0, NULL, NULL, NULL, NULL, &r);
@@ -2338,6 +2436,9 @@ cn_moray_rollback (cn_moray_t *m)
     m->txn_lost = false;
     if (!m->in_txn)
         return;
+    if (m->begin_pending)
+        m->begin_pending = false;       /* nothing was sent */
+    else
     if (m->conn)
         (void) s_cmd (m, "ROLLBACK");
     m->in_txn = false;
@@ -2559,7 +2660,7 @@ s_op_class (const cn_mop_t *op)
 /* The batch; applied != NULL: a failed condition (or a missing object to
  * delete) skips that op instead of failing the batch (cn_moray_batch_partial). */
 static int
-s_batch (cn_moray_t *m, cn_mop_t *ops, size_t n, size_t *failed, bool *applied)
+s_batch (cn_moray_t *m, cn_mop_t *ops, size_t n, size_t *failed, bool *applied, bool final)
 {
     S_ENTER (m);
     if (applied)
@@ -2623,6 +2724,9 @@ s_batch (cn_moray_t *m, cn_mop_t *ops, size_t n, size_t *failed, bool *applied)
     for (size_t i = 1; i < n && one_statement; i++)
         one_statement = ob[i] == ob[0] && s_op_class (&ops[i]) == s_op_class (&ops[0]);
     bool own = false;
+    if (final && m->in_txn)
+        own = true;     /* the caller's transaction ends here: no savepoint */
+    else
     if (!one_statement && (rc = s_unit_begin (m, &own)))
         goto out;
     if (n == 1 || dup) {
@@ -2716,7 +2820,22 @@ out:
 int
 cn_moray_batch (cn_moray_t *m, cn_mop_t *ops, size_t n, size_t *failed)
 {
-    return s_batch (m, ops, n, failed, NULL);
+    return s_batch (m, ops, n, failed, NULL, false);
+}
+
+int
+cn_moray_batch_final (cn_moray_t *m, cn_mop_t *ops, size_t n, size_t *failed)
+{
+    if (m && !m->in_txn) {
+        s_err (m, "no transaction is open");
+        return CN_MORAY_EINVAL;
+    }
+    if (m && m->txn_lost)
+        return cn_moray_commit (m);     /* reports the loss */
+    int rc = s_batch (m, ops, n, failed, NULL, true);
+    if (rc != CN_MORAY_OK && m && m->in_txn && !m->busy)
+        cn_moray_rollback (m);          /* refused before any statement */
+    return rc;
 }
 
 int
@@ -2724,5 +2843,5 @@ cn_moray_batch_partial (cn_moray_t *m, cn_mop_t *ops, size_t n, bool *applied)
 {
     if (!applied)
         return CN_MORAY_EINVAL;
-    return s_batch (m, ops, n, NULL, applied);
+    return s_batch (m, ops, n, NULL, applied, false);
 }

@@ -1087,6 +1087,66 @@ test_batch_partial (void)
     cn_moray_destroy (&m);
 }
 
+/* cn_moray_batch_final: the batch ends the caller's transaction; with it
+ * goes the BEGIN, sent together with the transaction's first statement
+ * (one round trip): what the transaction did before is committed with it,
+ * or undone with it. */
+static void
+test_batch_final (void)
+{
+    cn_moray_t *m = s_open ();
+    cn_mop_t ops[2];
+    /* no transaction: refused */
+    s_set_op (&ops[0], CN_MOP_PUT, BA, "f1", "{}", NULL);
+    CHECK_INT (cn_moray_batch_final (m, ops, 1, NULL), CN_MORAY_EINVAL);
+
+    /* an earlier statement of the transaction, then the final batch */
+    CHECK_INT (cn_moray_begin (m), CN_MORAY_OK);
+    CHECK_INT (cn_moray_put (m, BA, "f0", "{\"v\":0}", NULL, NULL, NULL), CN_MORAY_OK);
+    CHECK_STR (s_sql ("SELECT count(*) FROM " BA " WHERE _key = 'f0'", 0, NULL), "0");
+    s_set_op (&ops[0], CN_MOP_PUT, BA, "f1", "{\"v\":1}", "");
+    s_set_op (&ops[1], CN_MOP_PUT, BA, "f2", "{\"v\":2}", "");
+    CHECK_INT (cn_moray_batch_final (m, ops, 2, NULL), CN_MORAY_OK);
+    CHECK (ops[0].out_id > 0 && ops[1].out_id > 0 && ops[0].out_etag[0]);
+    CHECK_STR (s_sql ("SELECT string_agg (_key, ',' ORDER BY _key) FROM " BA
+                      " WHERE _key IN ('f0','f1','f2')", 0, NULL), "f0,f1,f2");
+    CHECK_INT (cn_moray_commit (m), CN_MORAY_EINVAL);     /* it is over */
+
+    /* a failed condition: everything the transaction did is undone */
+    CHECK_INT (cn_moray_begin (m), CN_MORAY_OK);
+    CHECK_INT (cn_moray_put (m, BA, "f3", "{}", NULL, NULL, NULL), CN_MORAY_OK);
+    s_set_op (&ops[0], CN_MOP_PUT, BA, "f4", "{}", "");
+    s_set_op (&ops[1], CN_MOP_PUT, BA, "f1", "{}", "");       /* exists */
+    size_t failed = 99;
+    CHECK_INT (cn_moray_batch_final (m, ops, 2, &failed), CN_MORAY_CONFLICT);
+    CHECK_INT (failed, 1);
+    CHECK_INT (cn_moray_commit (m), CN_MORAY_EINVAL);     /* over */
+    cn_moray_rollback (m);                                /* a no-op */
+    CHECK_STR (s_sql ("SELECT count(*) FROM " BA " WHERE _key IN ('f3','f4')", 0, NULL), "0");
+
+    /* a bad op is refused before any statement: the transaction ends too */
+    CHECK_INT (cn_moray_begin (m), CN_MORAY_OK);
+    CHECK_INT (cn_moray_put (m, BA, "f5", "{}", NULL, NULL, NULL), CN_MORAY_OK);
+    s_set_op (&ops[0], CN_MOP_PUT, BA, "f6", "not json", NULL);
+    CHECK_INT (cn_moray_batch_final (m, ops, 1, NULL), CN_MORAY_EINVAL);
+    CHECK_INT (cn_moray_commit (m), CN_MORAY_EINVAL);
+    CHECK_STR (s_sql ("SELECT count(*) FROM " BA " WHERE _key IN ('f5','f6')", 0, NULL), "0");
+
+    /* a transaction whose first statement is the final batch (BEGIN goes
+     * with it), and an empty transaction (nothing sent at all) */
+    CHECK_INT (cn_moray_begin (m), CN_MORAY_OK);
+    s_set_op (&ops[0], CN_MOP_PUT, BA, "f7", "{}", "");
+    CHECK_INT (cn_moray_batch_final (m, ops, 1, NULL), CN_MORAY_OK);
+    CHECK_STR (s_sql ("SELECT count(*) FROM " BA " WHERE _key = 'f7'", 0, NULL), "1");
+    CHECK_INT (cn_moray_begin (m), CN_MORAY_OK);
+    CHECK_INT (cn_moray_commit (m), CN_MORAY_OK);
+    CHECK_INT (cn_moray_begin (m), CN_MORAY_OK);
+    cn_moray_rollback (m);
+    CHECK_INT (cn_moray_put (m, BA, "f8", "{}", NULL, NULL, NULL), CN_MORAY_OK);
+    CHECK_STR (s_sql ("SELECT count(*) FROM " BA " WHERE _key = 'f8'", 0, NULL), "1");
+    cn_moray_destroy (&m);
+}
+
 static void
 test_batch_large (void)
 {
@@ -1385,6 +1445,7 @@ main (void)
     RUN (test_find_held);
     RUN (test_batch);
     RUN (test_batch_partial);
+    RUN (test_batch_final);
     RUN (test_batch_large);
     RUN (test_get_many_locked);
     RUN (test_idle);
