@@ -2155,7 +2155,7 @@ s_start (self_t *self, char *reason, size_t rlen)
     cn_redis_sub_try (self->sub);
     int64_t now = cn_now_ms ();
     self->next_sweep_ms = now + cfg->tasks_sweep_ms;
-    self->next_sub_check_ms = now + 1000;
+    self->next_sub_check_ms = now;      /* the first tick (100 ms) connects */
     self->started = true;
     CN_INFO (COMPONENT, "tasks ready", "{s:i,s:i,s:i,s:i}", "per_agent", cfg->tasks_per_agent,
              "agent_timeout_ms", cfg->tasks_agent_timeout_ms, "sweep_ms", cfg->tasks_sweep_ms,
