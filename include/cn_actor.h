@@ -51,7 +51,8 @@ int cn_writer_shard (const char *uuid, int shards);
  * NULL (reason in err) on failure. */
 zsock_t *cn_writer_client (int shards, int sndhwm, int rcvhwm, char *err, size_t errlen);
 
-/* Send one request frame (taken) to the shard of uuid; 0 or -1 (errno). */
+/* Send one request frame to the shard of uuid; 0 or -1 (errno). The frame
+ * is taken either way (*frame is NULL after). */
 int cn_writer_send (zsock_t *client, int shards, const char *uuid, zframe_t **frame,
                     bool dontwait);
 

@@ -119,7 +119,8 @@ int cn_moray_find (cn_moray_t *m, const char *bucket, const char *filter,
 typedef bool (cn_moray_idle_fn) (void *arg);
 void cn_moray_set_idle (cn_moray_t *m, cn_moray_idle_fn *fn, void *arg);
 
-/* Transactions, for read-modify-write batches (the state writer's group commit). */
+/* Transactions, for read-modify-write batches (the state writer's group commit).
+ * cn_moray_rollback leaves the last error readable (cn_moray_errmsg). */
 int cn_moray_begin (cn_moray_t *m);
 int cn_moray_commit (cn_moray_t *m);
 void cn_moray_rollback (cn_moray_t *m);

@@ -108,7 +108,11 @@ cn_writer_send (zsock_t *client, int shards, const char *uuid, zframe_t **frame,
         return -1;
     }
     /* after the routing frame the message is committed to that pipe */
-    return zframe_send (frame, client, 0);
+    if (zframe_send (frame, client, 0) != 0) {
+        zframe_destroy (frame);         /* (only as the context ends) */
+        return -1;
+    }
+    return 0;
 }
 
 zframe_t *

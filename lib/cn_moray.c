@@ -2432,15 +2432,21 @@ cn_moray_rollback (cn_moray_t *m)
 {
     if (!m || m->busy)
         return;
-    s_clear (m);
     m->txn_lost = false;
     if (!m->in_txn)
         return;
+    /* the error that led here stays readable (cn_moray_errmsg) for the
+     * caller's log line after the rollback */
+    char keep[sizeof m->errmsg], keep_state[sizeof m->sqlstate];
+    memcpy (keep, m->errmsg, sizeof keep);
+    memcpy (keep_state, m->sqlstate, sizeof keep_state);
     if (m->begin_pending)
         m->begin_pending = false;       /* nothing was sent */
     else
     if (m->conn)
         (void) s_cmd (m, "ROLLBACK");
+    memcpy (m->errmsg, keep, sizeof keep);
+    memcpy (m->sqlstate, keep_state, sizeof keep_state);
     m->in_txn = false;
     m->txn_lost = false;
 }
@@ -2826,12 +2832,14 @@ cn_moray_batch (cn_moray_t *m, cn_mop_t *ops, size_t n, size_t *failed)
 int
 cn_moray_batch_final (cn_moray_t *m, cn_mop_t *ops, size_t n, size_t *failed)
 {
+    if (m && m->txn_lost)
+        return cn_moray_commit (m);     /* reports the loss (EIO) */
     if (m && !m->in_txn) {
         s_err (m, "no transaction is open");
         return CN_MORAY_EINVAL;
     }
-    if (m && m->txn_lost)
-        return cn_moray_commit (m);     /* reports the loss */
+    if (m && n == 0)
+        return cn_moray_commit (m);     /* nothing to write: the end all the same */
     int rc = s_batch (m, ops, n, failed, NULL, true);
     if (rc != CN_MORAY_OK && m && m->in_txn && !m->busy)
         cn_moray_rollback (m);          /* refused before any statement */

@@ -1087,6 +1087,8 @@ test_batch_partial (void)
     cn_moray_destroy (&m);
 }
 
+static int s_kill_backends (void);
+
 /* cn_moray_batch_final: the batch ends the caller's transaction; with it
  * goes the BEGIN, sent together with the transaction's first statement
  * (one round trip): what the transaction did before is committed with it,
@@ -1144,6 +1146,40 @@ test_batch_final (void)
     cn_moray_rollback (m);
     CHECK_INT (cn_moray_put (m, BA, "f8", "{}", NULL, NULL, NULL), CN_MORAY_OK);
     CHECK_STR (s_sql ("SELECT count(*) FROM " BA " WHERE _key = 'f8'", 0, NULL), "1");
+
+    /* no ops: the transaction still ends (committed) */
+    CHECK_INT (cn_moray_begin (m), CN_MORAY_OK);
+    CHECK_INT (cn_moray_put (m, BA, "f9", "{}", NULL, NULL, NULL), CN_MORAY_OK);
+    CHECK_INT (cn_moray_batch_final (m, ops, 0, NULL), CN_MORAY_OK);
+    CHECK_STR (s_sql ("SELECT count(*) FROM " BA " WHERE _key = 'f9'", 0, NULL), "1");
+    CHECK_INT (cn_moray_begin (m), CN_MORAY_OK);          /* none was left open */
+    cn_moray_rollback (m);
+
+    /* refused: the reason stays readable after the rollback it did */
+    CHECK_INT (cn_moray_begin (m), CN_MORAY_OK);
+    s_set_op (&ops[0], CN_MOP_PUT, BA, "fa", "not json", NULL);
+    CHECK_INT (cn_moray_batch_final (m, ops, 1, NULL), CN_MORAY_EINVAL);
+    CHECK (cn_moray_errmsg (m) && *cn_moray_errmsg (m));
+    /* a conflict's reason too, and after the caller's own rollback */
+    CHECK_INT (cn_moray_begin (m), CN_MORAY_OK);
+    s_set_op (&ops[0], CN_MOP_PUT, BA, "f1", "{}", "");   /* exists */
+    CHECK_INT (cn_moray_batch_final (m, ops, 1, NULL), CN_MORAY_CONFLICT);
+    cn_moray_rollback (m);
+    CHECK (cn_moray_errmsg (m) && strstr (cn_moray_errmsg (m), "exists"));
+
+    /* the connection lost inside the transaction: EIO (retry later), not
+     * EINVAL; usable again after the rollback */
+    CHECK_INT (cn_moray_begin (m), CN_MORAY_OK);
+    CHECK_INT (cn_moray_put (m, BA, "fb", "{}", NULL, NULL, NULL), CN_MORAY_OK);
+    CHECK (s_kill_backends () >= 1);
+    cn_mobj_t o;
+    CHECK_INT (cn_moray_get (m, BA, "fb", &o), CN_MORAY_EIO);
+    s_set_op (&ops[0], CN_MOP_PUT, BA, "fc", "{}", NULL);
+    CHECK_INT (cn_moray_batch_final (m, ops, 1, NULL), CN_MORAY_EIO);
+    cn_moray_rollback (m);
+    CHECK_INT (cn_moray_put (m, BA, "fd", "{}", NULL, NULL, NULL), CN_MORAY_OK);
+    CHECK_STR (s_sql ("SELECT string_agg (_key, ',' ORDER BY _key) FROM " BA
+                      " WHERE _key IN ('fb','fc','fd')", 0, NULL), "fd");
     cn_moray_destroy (&m);
 }
 
