@@ -443,34 +443,54 @@ typedef struct {
     int64_t now;
 } list_ctx_t;
 
-static int
-s_list_row (const cn_mobj_t *obj, void *arg)
+/* A listed record's value as a JSON object, with its sysinfo only when
+ * asked (the sysinfo is most of a record's text and a list view rarely shows
+ * it: skipped without building its tree); NULL, logged, when it is not an
+ * object. */
+static json_t *
+s_list_record (backend_t *self, const cn_mobj_t *obj, bool with_sysinfo)
 {
-    list_ctx_t *lc = arg;
     json_error_t jerr;
-    /* The sysinfo is most of a record's text and a list view rarely shows
-     * it: unless asked for (or needed for capacity, or a named field), skip
-     * it without building its tree. */
-    bool need_sysinfo = lc->q->nfields > 0
-                        || (lc->q->extras & (CN_EXTRA_SYSINFO | CN_EXTRA_CAPACITY));
-    json_t *rec = need_sysinfo ? json_loadb (obj->value, obj->value_len, 0, &jerr)
+    json_t *rec = with_sysinfo ? json_loadb (obj->value, obj->value_len, 0, &jerr)
                                : cn_json_load_without (obj->value, obj->value_len, "sysinfo");
     if (!rec || !json_is_object (rec)) {
         if (rec)
             json_decref (rec);
-        CN_WARN (lc->self->component, "stored server record is not a JSON object",
+        CN_WARN (self->component, "stored server record is not a JSON object",
                  "{s:s}", "server_uuid", obj->key);
-        return 0;
+        return NULL;
     }
-    json_t *view = cn_server_render (rec, false, lc->q->extras, lc->q->fields,
-                                     lc->q->nfields, lc->now,
-                                     lc->self->cfg->sysinfo_freshness_s,
-                                     lc->self->args->live);
-    json_decref (rec);
+    return rec;
+}
+
+/* One list row rendered whole: the view of rec (cn_server_render) as text;
+ * NULL when it cannot be rendered. */
+static char *
+s_list_row_text (backend_t *self, json_t *rec, unsigned extras, char *const *fields,
+                 size_t nfields, int64_t now)
+{
+    json_t *view = cn_server_render (rec, false, extras, fields, nfields, now,
+                                     self->cfg->sysinfo_freshness_s, self->args->live);
     if (!view)
-        return 0;
+        return NULL;
     char *text = json_dumps (view, CN_BACKEND_JSON_FLAGS);
     json_decref (view);
+    return text;
+}
+
+static int
+s_list_row (const cn_mobj_t *obj, void *arg)
+{
+    list_ctx_t *lc = arg;
+    /* the sysinfo is needed for itself, for capacity, or for a named field */
+    bool need_sysinfo = lc->q->nfields > 0
+                        || (lc->q->extras & (CN_EXTRA_SYSINFO | CN_EXTRA_CAPACITY));
+    json_t *rec = s_list_record (lc->self, obj, need_sysinfo);
+    if (!rec)
+        return 0;
+    char *text = s_list_row_text (lc->self, rec, lc->q->extras, lc->q->fields, lc->q->nfields,
+                                  lc->now);
+    json_decref (rec);
     if (text) {
         if (lc->count++)
             s_sbuf_add (&lc->out, ",", 1);
@@ -611,14 +631,9 @@ s_lc_row (const cn_mobj_t *obj, void *arg)
         self->list_rows_cached++;
         return 0;
     }
-    json_t *rec = cn_json_load_without (obj->value, obj->value_len, "sysinfo");
-    if (!rec || !json_is_object (rec)) {
-        if (rec)
-            json_decref (rec);
-        CN_WARN (self->component, "stored server record is not a JSON object",
-                 "{s:s}", "server_uuid", obj->key);
+    json_t *rec = s_list_record (self, obj, false);
+    if (!rec)
         return 0;
-    }
     lrow_t *r = s_lrow_push (lc);
     self->list_rows_rendered++;
     r->view = cn_lview_new (rec, obj->key, obj->etag, obj->id, CN_BACKEND_JSON_FLAGS);
@@ -626,11 +641,7 @@ s_lc_row (const cn_mobj_t *obj, void *arg)
         cn_listcache_put (self->args->lcache, r->view);
     else {
         /* not cacheable (see cn_lview_new): the whole row, as the other path */
-        json_t *view = cn_server_render (rec, false, 0, NULL, 0, lc->now,
-                                         self->cfg->sysinfo_freshness_s, self->args->live);
-        r->text = view ? json_dumps (view, CN_BACKEND_JSON_FLAGS) : NULL;
-        if (view)
-            json_decref (view);
+        r->text = s_list_row_text (self, rec, 0, NULL, 0, lc->now);
     }
     json_decref (rec);
     return 0;

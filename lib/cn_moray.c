@@ -516,7 +516,6 @@ s_fail_result (cn_moray_t *m, PGresult *r)
     return CN_MORAY_ESQL;
 }
 
-/* Send one statement and flush it, bounded. */
 static int s_cmd (cn_moray_t *m, const char *sql);
 static int s_flush (cn_moray_t *m, int64_t deadline);
 static int s_collect (cn_moray_t *m, int64_t deadline, PGresult **out);
@@ -524,6 +523,7 @@ static int s_exec_begun (cn_moray_t *m, const char *sql, int n, const Oid *types
                          const char *const *vals, const int *lens, const int *fmts,
                          PGresult **out);
 
+/* Send one statement and flush it, bounded. */
 static int
 s_send (cn_moray_t *m, const char *sql, int n, const Oid *types,
         const char *const *vals, const int *lens, const int *fmts, bool single_row,
@@ -2301,17 +2301,9 @@ cn_moray_find (cn_moray_t *m, const char *bucket, const char *filter,
         }
     }
     if (s.oom || !v || !lens || !fmts || !types || ak.b.oom || ae.b.oom || ai.b.oom) {
-        free (s.d);
-        free (v);
-        free (lens);
-        free (fmts);
-        free (types);
-        free (ak.b.d);
-        free (ae.b.d);
-        free (ai.b.d);
-        cn_sqlwhere_fini (&w);
         s_err (m, "out of memory");
-        return CN_MORAY_ESQL;
+        rc = CN_MORAY_ESQL;
+        goto out;
     }
     for (int i = 0; i < w.nparams; i++)
         v[i] = w.params[i];
@@ -2363,6 +2355,7 @@ cn_moray_find (cn_moray_t *m, const char *bucket, const char *filter,
         if (rc == CN_MORAY_OK)
             rc = err;
     }
+out:
     free (s.d);
     free (v);
     free (lens);
