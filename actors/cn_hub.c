@@ -70,6 +70,7 @@ typedef struct sess {
     uint64_t hb_seq;
     uint64_t connected_ms;      /* wall clock */
     uint64_t last_heard;        /* h2o_now (wall clock ms) */
+    uint64_t last_beat;         /* h2o_now when our last hb went out */
     h2o_timeout_entry_t beat;
     h2o_timeout_entry_t dead;
     uint8_t state;
@@ -326,19 +327,30 @@ s_send_goaway (sess_t *s, const char *reason)
 /* ------------------------------------------------------------------ */
 /* Timers                                                               */
 
+/* Our hb, and the fallback timer re-armed behind it (written without an
+ * allocation: one per session-second). */
+static void
+s_beat (sess_t *s)
+{
+    uint8_t buf[CN_MSG_HB_MAX];
+    size_t n = cn_msg_hb_write (buf, ++s->hb_seq, (int64_t) h2o_now (s->hub->loop));
+    s_send_frame (s, CN_WS_OP_BINARY, buf, n);
+    s->last_beat = h2o_now (s->hub->loop);
+    atomic_fetch_add_explicit (&s->hub->stats.hb_sent, 1, memory_order_relaxed);
+    if (h2o_timeout_is_linked (&s->beat))
+        h2o_timeout_unlink (&s->beat);
+    h2o_timeout_link (s->hub->loop, &s->hub->beat_to, &s->beat);
+}
+
+/* The fallback: the agent's hbs came slower than ours should go (its
+ * interval is longer than ours, or it is late), so send one anyway. */
 static void
 s_on_beat (h2o_timeout_entry_t *entry)
 {
     sess_t *s = H2O_STRUCT_FROM_MEMBER (sess_t, beat, entry);
     if (s->state != S_OWNED)
         return;
-    cn_msgw_t w;
-    cn_msgw_init (&w, "hb", 2);
-    cn_msgw_uint (&w, "seq", ++s->hb_seq);
-    cn_msgw_int (&w, "sent_ms", (int64_t) h2o_now (s->hub->loop));
-    s_send_msg (s, &w);
-    atomic_fetch_add_explicit (&s->hub->stats.hb_sent, 1, memory_order_relaxed);
-    h2o_timeout_link (s->hub->loop, &s->hub->beat_to, &s->beat);
+    s_beat (s);
 }
 
 static void
@@ -573,9 +585,16 @@ s_on_vm_event (sess_t *s, cn_msg_t *m, const void *payload, size_t len)
 }
 
 /* One whole binary message. */
+static void s_on_hb (sess_t *s);
+
 static void
 s_on_message (sess_t *s, const uint8_t *payload, size_t len)
 {
+    /* the one message every session sends every second: no allocation */
+    if (s->state != S_HELLO && cn_msg_is_plain_hb (payload, len)) {
+        s_on_hb (s);
+        return;
+    }
     cn_msg_t m;
     char err[96], why[128];
     if (cn_msg_parse (&m, payload, len, err, sizeof err) != 0) {
@@ -592,6 +611,8 @@ s_on_message (sess_t *s, const uint8_t *payload, size_t len)
     if (cn_msg_is (&m, "hb")) {
         if (!s_is_uint (cn_msg_get (&m, "seq")) || !s_is_int (cn_msg_get (&m, "sent_ms")))
             s_fail (s, CN_WS_CLOSE_PROTOCOL, "hb: seq or sent_ms missing");
+        else
+            s_on_hb (s);
     }
     else
     if (cn_msg_is (&m, "vm_event"))
@@ -605,6 +626,17 @@ s_on_message (sess_t *s, const uint8_t *payload, size_t len)
         s_fail (s, CN_WS_CLOSE_PROTOCOL, why);
     }
     cn_msg_fini (&m);
+}
+
+/* An agent's hb: answered at once, in the wake-up that read it
+ * (proto/session.md), at most one per half interval whatever the agent's
+ * pace. */
+static void
+s_on_hb (sess_t *s)
+{
+    if (s->state == S_OWNED
+        && h2o_now (s->hub->loop) - s->last_beat >= (uint64_t) s->hub->cfg->session_heartbeat_ms / 2)
+        s_beat (s);
 }
 
 /* One frame; false when the session stopped reading (closing). */
@@ -808,6 +840,7 @@ s_on_cmds (h2o_multithread_receiver_t *rx, h2o_linklist_t *messages)
             cn_msgw_uint (&w, "epoch", c->epoch);
             cn_msgw_uint (&w, "heartbeat_ms", (uint64_t) hub->cfg->session_heartbeat_ms);
             s_send_msg (s, &w);
+            s->last_beat = h2o_now (hub->loop);
             if (!h2o_timeout_is_linked (&s->beat))
                 h2o_timeout_link (hub->loop, &hub->beat_to, &s->beat);
         }
@@ -1019,7 +1052,9 @@ cn_hub_start (cn_hub_t *hub, char *reason, size_t rlen)
     hub->tpush_handle = zsock_resolve (hub->tpush);
     h2o_multithread_register_receiver (hub->ctx->queue, &hub->rx, s_on_cmds);
     hub->rx_registered = true;
-    h2o_timeout_init (hub->loop, &hub->beat_to, (uint64_t) cfg->session_heartbeat_ms);
+    /* the fallback beat: the agent's own hbs (answered at once) normally
+     * come first; 1.5 intervals keeps the agent's 3-interval limit far */
+    h2o_timeout_init (hub->loop, &hub->beat_to, (uint64_t) cfg->session_heartbeat_ms * 3 / 2);
     h2o_timeout_init (hub->loop, &hub->dead_to, (uint64_t) cfg->session_dead_after_ms);
     h2o_timeout_init (hub->loop, &hub->linger_to, LINGER_MS);
     h2o_timeout_init (hub->loop, &hub->flush_to, (uint64_t) cfg->session_flush_ms);

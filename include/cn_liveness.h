@@ -90,15 +90,25 @@ bool cn_liveness_get (const cn_liveness_t *t, const char *uuid, cn_status_row_t 
 
 /* Loaded: the table has been read from the store at least once. Until then
  * readers fall back to the record's own freshness (cn_server_status). */
+/* The held row's version (its _id; 0: not from the store), -1 when none. */
+int64_t cn_liveness_version (const cn_liveness_t *t, const char *uuid);
 void cn_liveness_set_loaded (cn_liveness_t *t, bool loaded);
 bool cn_liveness_loaded (const cn_liveness_t *t);
 
 /* Rows held and how many say running. */
 size_t cn_liveness_count (const cn_liveness_t *t, size_t *running);
 
-/* Copy every row (for the sweep and for STATUS). *out malloc'd (caller
- * frees); returns the count. Takes the lock in chunks: a consistent view per
- * row, not of the whole table. */
+/* Copy every row (for STATUS and the tests). *out malloc'd (caller frees);
+ * returns the count. */
 size_t cn_liveness_snapshot (const cn_liveness_t *t, cn_status_row_t **out);
+
+typedef struct {
+    char owner[64];
+    char owner_boot[37];
+} cn_owner_t;
+/* The distinct (owner, owner_boot) pairs of the running rows that name an
+ * owner (for the sweep), in *out (malloc'd, caller frees); returns how
+ * many. One walk under the read lock, no copy of the rows. */
+size_t cn_liveness_owners (const cn_liveness_t *t, cn_owner_t **out);
 
 #endif

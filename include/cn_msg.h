@@ -61,6 +61,16 @@ void cn_msgpack_json (msgpack_packer *pk, const json_t *val);
 /* Convert a msgpack object to jansson (new reference). */
 json_t *cn_msgpack_to_json (const msgpack_object *o);
 
+/* The heartbeat, the one message every session carries every second, both
+ * ways, without allocations. cn_msg_hb_write writes exactly the bytes
+ * cn_msgw writes for {"v", "type": "hb", "seq", "sent_ms"} into out
+ * (CN_MSG_HB_MAX bytes) and returns the length. cn_msg_is_plain_hb is true
+ * for exactly that layout, one valid hb (sent_ms >= 0); an hb written any
+ * other way still goes through cn_msg_parse, which applies the same rules. */
+#define CN_MSG_HB_MAX 48
+size_t cn_msg_hb_write (uint8_t *out, uint64_t seq, int64_t sent_ms);
+bool cn_msg_is_plain_hb (const void *data, size_t len);
+
 typedef struct {
     msgpack_unpacked up;
     const msgpack_object *map;

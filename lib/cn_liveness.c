@@ -75,24 +75,79 @@ done:
     return rc;
 }
 
+/* A JSON string (quoted, escaped as jansson would: '"', '\\' and the
+ * control characters; UTF-8 passes through) or null for "". */
+static void
+s_json_str (char **p, const char *v)
+{
+    char *o = *p;
+    if (!v[0]) {
+        memcpy (o, "null", 4);
+        *p = o + 4;
+        return;
+    }
+    *o++ = '"';
+    for (const unsigned char *c = (const unsigned char *) v; *c; c++) {
+        if (*c == '"' || *c == '\\') {
+            *o++ = '\\';
+            *o++ = (char) *c;
+        }
+        else
+        if (*c < 0x20) {
+            static const char esc[] = "btn\0fr";     /* \b \t \n - \f \r */
+            if (*c >= 8 && *c <= 13 && *c != 11) {
+                *o++ = '\\';
+                *o++ = esc[*c - 8];
+            }
+            else
+                o += sprintf (o, "\\u%04X", *c);
+        }
+        else
+            *o++ = (char) *c;
+    }
+    *o++ = '"';
+    *p = o;
+}
+
+static void
+s_json_lit (char **p, const char *lit)
+{
+    size_t n = strlen (lit);
+    memcpy (*p, lit, n);
+    *p += n;
+}
+
+/* Written by hand: the flush formats every owned row each flush_ms (15,000
+ * rows at a time), where json_pack + json_dumps were a quarter of the
+ * sessions actor's CPU (docs/benchmarks.md, "Fifth round"). The text is the
+ * same jansson wrote (JSON_COMPACT, keys in this order); test_liveness
+ * compares the two. */
 char *
 cn_status_row_format (const cn_status_row_t *r)
 {
     char hb[32], since[32];
-    json_t *o = json_pack ("{s:s,s:s?,s:s?,s:s?,s:I,s:s,s:s?,s:s}",
-                           "server_uuid", r->uuid,
-                           "owner", r->owner[0] ? r->owner : NULL,
-                           "owner_boot", r->owner_boot[0] ? r->owner_boot : NULL,
-                           "agent_boot", r->agent_boot[0] ? r->agent_boot : NULL,
-                           "epoch", (json_int_t) r->epoch,
-                           "status", r->running ? "running" : "unknown",
-                           "last_heartbeat", r->last_heartbeat_ms > 0
-                               ? cn_iso8601 (r->last_heartbeat_ms, hb, sizeof hb) : NULL,
-                           "since", cn_iso8601 (r->since_ms, since, sizeof since));
-    char *text = o ? json_dumps (o, JSON_COMPACT) : NULL;
-    json_decref (o);
+    /* every string field at most 6 bytes per input byte (\u00XX), plus keys */
+    size_t cap = 256 + 6 * (sizeof r->uuid + sizeof r->owner + sizeof r->owner_boot
+                            + sizeof r->agent_boot + sizeof hb + sizeof since);
+    char *text = malloc (cap), *p = text;
     if (!text)
         abort ();
+    s_json_lit (&p, "{\"server_uuid\":");
+    s_json_str (&p, r->uuid);
+    s_json_lit (&p, ",\"owner\":");
+    s_json_str (&p, r->owner);
+    s_json_lit (&p, ",\"owner_boot\":");
+    s_json_str (&p, r->owner_boot);
+    s_json_lit (&p, ",\"agent_boot\":");
+    s_json_str (&p, r->agent_boot);
+    p += sprintf (p, ",\"epoch\":%" PRIu64, r->epoch);
+    s_json_lit (&p, r->running ? ",\"status\":\"running\"" : ",\"status\":\"unknown\"");
+    s_json_lit (&p, ",\"last_heartbeat\":");
+    s_json_str (&p, r->last_heartbeat_ms > 0 ? cn_iso8601 (r->last_heartbeat_ms, hb, sizeof hb) : "");
+    s_json_lit (&p, ",\"since\":");
+    s_json_str (&p, cn_iso8601 (r->since_ms, since, sizeof since));
+    *p++ = '}';
+    *p = 0;
     return text;
 }
 
@@ -309,6 +364,19 @@ cn_liveness_get (const cn_liveness_t *ct, const char *uuid, cn_status_row_t *out
     return n != NULL;
 }
 
+int64_t
+cn_liveness_version (const cn_liveness_t *ct, const char *uuid)
+{
+    if (!ct || !uuid)
+        return -1;
+    cn_liveness_t *t = (cn_liveness_t *) ct;
+    pthread_rwlock_rdlock (&t->lock);
+    node_t *n = s_find (t, uuid);
+    int64_t v = n ? n->row.version : -1;
+    pthread_rwlock_unlock (&t->lock);
+    return v;
+}
+
 void
 cn_liveness_set_loaded (cn_liveness_t *t, bool loaded)
 {
@@ -330,6 +398,47 @@ cn_liveness_count (const cn_liveness_t *ct, size_t *running)
     if (running)
         *running = t->running;
     pthread_rwlock_unlock (&t->lock);
+    return n;
+}
+
+size_t
+cn_liveness_owners (const cn_liveness_t *ct, cn_owner_t **out)
+{
+    cn_liveness_t *t = (cn_liveness_t *) ct;
+    size_t n = 0, cap = 8;
+    cn_owner_t *v = malloc (cap * sizeof *v);
+    if (!v)
+        abort ();
+    size_t last = 0;            /* rows of one owner mostly come in runs */
+    pthread_rwlock_rdlock (&t->lock);
+    for (size_t i = 0; i < t->nbuckets; i++)
+        for (node_t *nd = t->buckets[i]; nd; nd = nd->next) {
+            const cn_status_row_t *r = &nd->row;
+            if (!r->running || !r->owner[0])
+                continue;
+            if (n && strcmp (v[last].owner, r->owner) == 0
+                && strcmp (v[last].owner_boot, r->owner_boot) == 0)
+                continue;
+            size_t j = 0;
+            while (j < n && (strcmp (v[j].owner, r->owner) != 0
+                             || strcmp (v[j].owner_boot, r->owner_boot) != 0))
+                j++;
+            if (j == n) {
+                if (n == cap) {
+                    cap *= 2;
+                    cn_owner_t *p = realloc (v, cap * sizeof *v);
+                    if (!p)
+                        abort ();
+                    v = p;
+                }
+                memcpy (v[n].owner, r->owner, sizeof v[n].owner);
+                memcpy (v[n].owner_boot, r->owner_boot, sizeof v[n].owner_boot);
+                n++;
+            }
+            last = j;
+        }
+    pthread_rwlock_unlock (&t->lock);
+    *out = v;
     return n;
 }
 

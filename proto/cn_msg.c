@@ -379,3 +379,61 @@ cn_msg_double (const cn_msg_t *m, const char *key, double *out)
         default: return false;
     }
 }
+
+/* ---- the heartbeat --------------------------------------------------- */
+
+static const uint8_t s_hb_head[] = { 0x84, 0xa1, 'v', CN_MSG_VERSION, 0xa4, 't', 'y', 'p', 'e',
+                                     0xa2, 'h', 'b', 0xa3, 's', 'e', 'q' };
+static const uint8_t s_hb_mid[] = { 0xa7, 's', 'e', 'n', 't', '_', 'm', 's' };
+
+typedef struct {
+    uint8_t *p;
+    size_t n, cap;
+} s_fixed_t;
+
+static int
+s_fixed_write (void *data, const char *buf, size_t len)
+{
+    s_fixed_t *f = data;
+    if (f->n + len > f->cap)
+        return -1;
+    memcpy (f->p + f->n, buf, len);
+    f->n += len;
+    return 0;
+}
+
+size_t
+cn_msg_hb_write (uint8_t *out, uint64_t seq, int64_t sent_ms)
+{
+    s_fixed_t f = { out, 0, CN_MSG_HB_MAX };
+    msgpack_packer pk;
+    msgpack_packer_init (&pk, &f, s_fixed_write);
+    (void) s_fixed_write (&f, (const char *) s_hb_head, sizeof s_hb_head);
+    msgpack_pack_uint64 (&pk, seq);
+    (void) s_fixed_write (&f, (const char *) s_hb_mid, sizeof s_hb_mid);
+    msgpack_pack_int64 (&pk, sent_ms);
+    return f.n;
+}
+
+/* A msgpack unsigned integer at p (any width): the byte after it, or NULL. */
+static const uint8_t *
+s_mp_uint (const uint8_t *p, const uint8_t *e)
+{
+    if (p >= e)
+        return NULL;
+    size_t w = *p <= 0x7f ? 0 : *p == 0xcc ? 1 : *p == 0xcd ? 2 : *p == 0xce ? 4 : *p == 0xcf ? 8 : 99;
+    return w != 99 && (size_t) (e - p) > w ? p + 1 + w : NULL;
+}
+
+bool
+cn_msg_is_plain_hb (const void *data, size_t len)
+{
+    const uint8_t *p = data, *e = p + len;
+    if (!data || len < sizeof s_hb_head || memcmp (p, s_hb_head, sizeof s_hb_head) != 0)
+        return false;
+    p = s_mp_uint (p + sizeof s_hb_head, e);
+    if (!p || (size_t) (e - p) < sizeof s_hb_mid || memcmp (p, s_hb_mid, sizeof s_hb_mid) != 0)
+        return false;
+    p = s_mp_uint (p + sizeof s_hb_mid, e);
+    return p == e;
+}

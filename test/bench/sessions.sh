@@ -38,6 +38,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 bench_init bsessions
+rm -f "$STATE/perf.top"        # a previous run's profile is not this one's
 start_cnapid 1
 wait_ready 1
 "$ROOT/deploy/local/stack" dns-set "$STACK" 127.0.0.2 >/dev/null 2>&1
@@ -113,11 +114,11 @@ if [ "$PERF" = 1 ]; then
   perf record -g -o "$STATE/perf.data" -p "$PID" -- sleep 10 >/dev/null 2>&1 || true
   {
     echo "-- by thread"
-    # (perf's "pid" sort key is per thread: "TID:cnapid")
+    # (perf's "pid" sort key is per thread: "TID:<thread name>")
     perf report -i "$STATE/perf.data" --no-children --sort pid --stdio -g none 2>/dev/null \
         | grep -v '^#' | grep '%' | head -6
     for tid in $(perf report -i "$STATE/perf.data" --no-children --sort pid --stdio -g none 2>/dev/null \
-                 | grep -v '^#' | grep '%' | head -3 | grep -o '[0-9]*:cnapid' | cut -d: -f1); do
+                 | grep -v '^#' | grep '%' | head -3 | grep -o '[0-9]*:[A-Za-z0-9_-]*' | cut -d: -f1); do
       echo "-- thread $tid: top symbols"
       perf report -i "$STATE/perf.data" --no-children --tid "$tid" --sort dso,symbol --stdio -g none 2>/dev/null \
           | grep -v '^#' | grep '%' | head -12

@@ -4,9 +4,12 @@
 #include "cn_server.h"
 #include "cn_test.h"
 
+#include <jansson.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+
+#include "cn_util.h"
 
 #define U1 "930896af-bf8c-48d4-885c-6573a94b1853"
 #define U2 "0ce1f2a4-9b5d-4d0e-9a3e-1c2b3d4e5f60"
@@ -26,6 +29,49 @@ s_row (const char *uuid, bool running, const char *owner, uint64_t epoch, int64_
     r.since_ms = 1795000000000LL;
     r.version = version;
     return r;
+}
+
+/* What jansson writes for the row (the format's text before it was written
+ * by hand): the stored rows must not change. */
+static char *
+s_jansson_text (const cn_status_row_t *r)
+{
+    char hb[32], since[32];
+    json_t *o = json_pack ("{s:s,s:s?,s:s?,s:s?,s:I,s:s,s:s?,s:s}",
+                           "server_uuid", r->uuid,
+                           "owner", r->owner[0] ? r->owner : NULL,
+                           "owner_boot", r->owner_boot[0] ? r->owner_boot : NULL,
+                           "agent_boot", r->agent_boot[0] ? r->agent_boot : NULL,
+                           "epoch", (json_int_t) r->epoch,
+                           "status", r->running ? "running" : "unknown",
+                           "last_heartbeat", r->last_heartbeat_ms > 0
+                               ? cn_iso8601 (r->last_heartbeat_ms, hb, sizeof hb) : NULL,
+                           "since", cn_iso8601 (r->since_ms, since, sizeof since));
+    char *text = json_dumps (o, JSON_COMPACT);
+    json_decref (o);
+    return text;
+}
+
+static void
+test_row_format_as_jansson (void)
+{
+    cn_status_row_t rows[4];
+    rows[0] = s_row (U1, true, "cnapi-1", 7, 0);
+    snprintf (rows[0].agent_boot, sizeof rows[0].agent_boot, "%s", U2);
+    rows[1] = s_row (U1, false, NULL, 0, 0);
+    rows[1].last_heartbeat_ms = 0;
+    rows[2] = s_row (U2, true, "we\"ird\\na\tme\x01\x1f/\xc3\xa9\b\f\n\r\v", 18446744073709ULL, 3);
+    rows[3] = s_row (U2, true, "x", 1, 0);
+    rows[3].since_ms = 0;
+    for (size_t i = 0; i < 4; i++) {
+        char *mine = cn_status_row_format (&rows[i]), *theirs = s_jansson_text (&rows[i]);
+        CHECK_STR (mine, theirs);
+        cn_status_row_t back;
+        CHECK_INT (cn_status_row_parse (mine, strlen (mine), &back), 0);
+        CHECK_STR (back.owner, rows[i].owner);
+        free (mine);
+        free (theirs);
+    }
 }
 
 static void
@@ -90,9 +136,13 @@ test_table_versions (void)
     cn_liveness_t *t = cn_liveness_new ();
     cn_status_row_t r = s_row (U1, true, "a", 1, 10), out;
     CHECK (!cn_liveness_get (t, U1, &out));
+    CHECK_INT (cn_liveness_version (t, U1), -1);
     CHECK (cn_liveness_put (t, &r));
     CHECK (cn_liveness_get (t, U1, &out));
     CHECK_STR (out.owner, "a");
+    CHECK_INT (cn_liveness_version (t, U1), 10);
+    CHECK_INT (cn_liveness_version (t, U2), -1);
+    CHECK_INT (cn_liveness_version (NULL, U1), -1);
     /* older or equal versions never move it back */
     cn_status_row_t old = s_row (U1, false, NULL, 1, 9);
     CHECK (!cn_liveness_put (t, &old));
@@ -135,6 +185,41 @@ test_table_many (void)
     CHECK (cn_liveness_get (t, rows[12345].uuid, &out));
     CHECK_STR (out.uuid, rows[12345].uuid);
     free (rows);
+    cn_liveness_destroy (&t);
+}
+
+/* The sweep's distinct owner incarnations: running rows with an owner only,
+ * each (owner, boot) pair once, whatever the order of the rows. */
+static void
+test_table_owners (void)
+{
+    cn_liveness_t *t = cn_liveness_new ();
+    cn_owner_t *o = NULL;
+    CHECK_INT (cn_liveness_owners (t, &o), 0);
+    free (o);
+    const char *names[] = { "a", "b", "a", "c" };
+    const char *boots[] = { U1, U1, U2, U1 };
+    for (size_t i = 0; i < 4000; i++) {
+        char u[37];
+        snprintf (u, sizeof u, "%08zx-0000-4000-8000-000000000000", i);
+        size_t k = i % 4;
+        /* c's rows are all unknown; every 7th row has no owner */
+        cn_status_row_t r = s_row (u, k != 3, i % 7 == 0 ? NULL : names[k], 1, 1);
+        if (i % 7 != 0)
+            snprintf (r.owner_boot, sizeof r.owner_boot, "%s", boots[k]);
+        cn_liveness_put (t, &r);
+    }
+    size_t n = cn_liveness_owners (t, &o);
+    CHECK_INT (n, 3);
+    int seen[3] = { 0 };
+    for (size_t i = 0; i < n; i++)
+        for (size_t k = 0; k < 3; k++)
+            if (strcmp (o[i].owner, names[k]) == 0 && strcmp (o[i].owner_boot, boots[k]) == 0)
+                seen[k]++;
+    CHECK_INT (seen[0], 1);
+    CHECK_INT (seen[1], 1);
+    CHECK_INT (seen[2], 1);
+    free (o);
     cn_liveness_destroy (&t);
 }
 
@@ -230,6 +315,8 @@ int
 main (void)
 {
     RUN (test_row_codec);
+    RUN (test_row_format_as_jansson);
+    RUN (test_table_owners);
     RUN (test_message_codec);
     RUN (test_table_versions);
     RUN (test_table_many);

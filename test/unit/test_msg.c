@@ -132,6 +132,68 @@ test_rejects (void)
     cn_msg_fini (&m);
 }
 
+/* The heartbeat without allocations: the same bytes as cn_msgw, and the
+ * recogniser true for exactly those. */
+static void
+test_heartbeat (void)
+{
+    const uint64_t seqs[] = { 0, 1, 127, 128, 255, 256, 65535, 65536, 4294967295ULL,
+                              4294967296ULL, UINT64_MAX };
+    const int64_t times[] = { 0, 5, 1795000000123LL, INT64_MAX, -1, -200, INT64_MIN };
+    for (size_t i = 0; i < sizeof seqs / sizeof seqs[0]; i++)
+        for (size_t j = 0; j < sizeof times / sizeof times[0]; j++) {
+            cn_msgw_t w;
+            cn_msgw_init (&w, "hb", 2);
+            cn_msgw_uint (&w, "seq", seqs[i]);
+            cn_msgw_int (&w, "sent_ms", times[j]);
+            char *want = NULL;
+            size_t wn = 0;
+            cn_msgw_take (&w, &want, &wn);
+            uint8_t got[CN_MSG_HB_MAX];
+            size_t n = cn_msg_hb_write (got, seqs[i], times[j]);
+            CHECK_INT (n, wn);
+            CHECK (memcmp (got, want, n) == 0);
+            /* plain exactly when sent_ms packs as an unsigned */
+            CHECK (cn_msg_is_plain_hb (got, n) == (times[j] >= 0));
+            cn_msg_t m;
+            CHECK_INT (cn_msg_parse (&m, got, n, NULL, 0), 0);
+            CHECK (cn_msg_is (&m, "hb"));
+            uint64_t seq = 0;
+            CHECK (cn_msg_uint (&m, "seq", &seq));
+            CHECK (seq == seqs[i]);
+            cn_msg_fini (&m);
+            /* cut short or with a byte more: not plain */
+            CHECK (!cn_msg_is_plain_hb (got, n - 1));
+            got[n] = 0;
+            CHECK (!cn_msg_is_plain_hb (got, n + 1));
+            free (want);
+        }
+    /* the same fields in another order, another type, another version */
+    cn_msgw_t w;
+    cn_msgw_init (&w, "hb", 2);
+    cn_msgw_int (&w, "sent_ms", 5);
+    cn_msgw_uint (&w, "seq", 1);
+    zframe_t *f = cn_msgw_frame (&w);
+    CHECK (!cn_msg_is_plain_hb (zframe_data (f), zframe_size (f)));
+    zframe_destroy (&f);
+    cn_msgw_init (&w, "hx", 2);
+    cn_msgw_uint (&w, "seq", 1);
+    cn_msgw_int (&w, "sent_ms", 5);
+    f = cn_msgw_frame (&w);
+    CHECK (!cn_msg_is_plain_hb (zframe_data (f), zframe_size (f)));
+    zframe_destroy (&f);
+    uint8_t b[CN_MSG_HB_MAX];
+    size_t n = cn_msg_hb_write (b, 1, 5);
+    CHECK (cn_msg_is_plain_hb (b, n));
+    b[3] = CN_MSG_VERSION + 1;
+    CHECK (!cn_msg_is_plain_hb (b, n));
+    /* a seq that is not an integer (a string in its place) */
+    n = cn_msg_hb_write (b, 1, 5);
+    b[16] = 0xa1;
+    CHECK (!cn_msg_is_plain_hb (b, n));
+    CHECK (!cn_msg_is_plain_hb (NULL, 0));
+}
+
 int
 main (void)
 {
@@ -139,5 +201,6 @@ main (void)
     RUN (test_golden_sysinfo);
     RUN (test_roundtrip);
     RUN (test_rejects);
+    RUN (test_heartbeat);
     return cn_test_done ();
 }
