@@ -150,6 +150,9 @@ typedef struct {
     zhashx_t *dead_since;       /* "name boot" -> int64_t* (our clock) */
 
     int64_t next_beat_ms, next_sweep_ms, next_resync_ms, next_full_resync_ms;
+    cn_owner_t *owners;         /* the sweep's distinct owner incarnations, cached */
+    size_t nowners;
+    uint64_t owners_gen;        /* cn_liveness_owners_gen when they were read */
     int64_t last_resync_start_ms;
     int64_t claim_retry_ms;
     int claim_backoff;
@@ -1534,8 +1537,14 @@ s_sweep (self_t *self)
     /* distinct owner incarnations of running rows (a walk under the read
      * lock, no copy of the table: the copy and a key per row were most of
      * the sweep at 15,000 rows) */
-    cn_owner_t *rows = NULL;
-    size_t n = cn_liveness_owners (self->live, &rows);
+    uint64_t gen = cn_liveness_owners_gen (self->live);
+    if (!self->owners || gen != self->owners_gen) {
+        free (self->owners);
+        self->nowners = cn_liveness_owners (self->live, &self->owners);
+        self->owners_gen = gen;     /* read before the walk: a change meanwhile walks again */
+    }
+    const cn_owner_t *rows = self->owners;
+    size_t n = self->nowners;
     zhashx_t *owners = zhashx_new ();       /* "name boot" -> index + 1 */
     for (size_t i = 0; i < n; i++) {
         char key[128];
@@ -1607,7 +1616,6 @@ s_sweep (self_t *self)
     free (names);
     free (boots);
     zhashx_destroy (&owners);
-    free (rows);
 }
 
 /* ------------------------------------------------------------------ */
@@ -1989,6 +1997,7 @@ cn_sessions_actor (zsock_t *pipe, void *args)
     zhashx_destroy (&self->wpending);
     zhashx_destroy (&self->instances);
     zhashx_destroy (&self->dead_since);
+    free (self->owners);
     cn_moray_destroy (&self->moray);
     cn_redis_destroy (&self->redis);
     free (self);

@@ -110,5 +110,9 @@ typedef struct {
  * owner (for the sweep), in *out (malloc'd, caller frees); returns how
  * many. One walk under the read lock, no copy of the rows. */
 size_t cn_liveness_owners (const cn_liveness_t *t, cn_owner_t **out);
+/* Changes whenever cn_liveness_owners' answer may have changed (a row added,
+ * deleted, or a change of its owner, owner_boot or running): the sweep
+ * walks the table only then. */
+uint64_t cn_liveness_owners_gen (const cn_liveness_t *t);
 
 #endif

@@ -200,6 +200,7 @@ struct cn_liveness {
     size_t nbuckets;          /* power of two */
     size_t count;
     size_t running;
+    uint64_t owners_gen;      /* bumped when a row's owner, boot or running changes */
     atomic_bool loaded;
 };
 
@@ -289,6 +290,9 @@ s_put (cn_liveness_t *t, const cn_status_row_t *r)
             return false;
         if (n->row.running)
             t->running--;
+        if (n->row.running != r->running || strcmp (n->row.owner, r->owner) != 0
+            || strcmp (n->row.owner_boot, r->owner_boot) != 0)
+            t->owners_gen++;
         n->row = *r;
         if (r->running)
             t->running++;
@@ -298,6 +302,7 @@ s_put (cn_liveness_t *t, const cn_status_row_t *r)
     if (!n)
         abort ();
     n->row = *r;
+    t->owners_gen++;
     size_t k = s_hash (r->uuid) & (t->nbuckets - 1);
     n->next = t->buckets[k];
     t->buckets[k] = n;
@@ -345,6 +350,7 @@ cn_liveness_del (cn_liveness_t *t, const char *uuid)
         if (n->row.running)
             t->running--;
         t->count--;
+        t->owners_gen++;
         free (n);
     }
     pthread_rwlock_unlock (&t->lock);
@@ -399,6 +405,16 @@ cn_liveness_count (const cn_liveness_t *ct, size_t *running)
         *running = t->running;
     pthread_rwlock_unlock (&t->lock);
     return n;
+}
+
+uint64_t
+cn_liveness_owners_gen (const cn_liveness_t *ct)
+{
+    cn_liveness_t *t = (cn_liveness_t *) ct;
+    pthread_rwlock_rdlock (&t->lock);
+    uint64_t g = t->owners_gen;
+    pthread_rwlock_unlock (&t->lock);
+    return g;
 }
 
 size_t

@@ -197,6 +197,7 @@ test_table_owners (void)
     cn_owner_t *o = NULL;
     CHECK_INT (cn_liveness_owners (t, &o), 0);
     free (o);
+    uint64_t g0 = cn_liveness_owners_gen (t);
     const char *names[] = { "a", "b", "a", "c" };
     const char *boots[] = { U1, U1, U2, U1 };
     for (size_t i = 0; i < 4000; i++) {
@@ -220,6 +221,28 @@ test_table_owners (void)
     CHECK_INT (seen[1], 1);
     CHECK_INT (seen[2], 1);
     free (o);
+    /* the generation moves with owners, boots, running and rows, not with
+     * a heartbeat */
+    uint64_t g1 = cn_liveness_owners_gen (t);
+    CHECK (g1 != g0);
+    cn_status_row_t r;
+    CHECK (cn_liveness_get (t, "00000001-0000-4000-8000-000000000000", &r));
+    r.version++;
+    r.last_heartbeat_ms += 1000;
+    CHECK (cn_liveness_put (t, &r));
+    CHECK (cn_liveness_owners_gen (t) == g1);
+    r.version++;
+    snprintf (r.owner_boot, sizeof r.owner_boot, "%s", U2);
+    CHECK (cn_liveness_put (t, &r));
+    uint64_t g2 = cn_liveness_owners_gen (t);
+    CHECK (g2 != g1);
+    r.version++;
+    r.running = !r.running;
+    CHECK (cn_liveness_put (t, &r));
+    CHECK (cn_liveness_owners_gen (t) != g2);
+    g2 = cn_liveness_owners_gen (t);
+    cn_liveness_del (t, r.uuid);
+    CHECK (cn_liveness_owners_gen (t) != g2);
     cn_liveness_destroy (&t);
 }
 
