@@ -1287,11 +1287,12 @@ s_h2o_thread (void *arg)
     if (gw->hub)
         cn_hub_shutdown (gw->hub);
     for (conn_t *c = gw->conns.next; c != &gw->conns; c = c->next)
-        if (!gw->hub || !cn_hub_is_session (gw->hub, c->sock))
-            shutdown (h2o_socket_get_fd (c->sock), SHUT_RD);
-    while ((gw->conns.next != &gw->conns || gw->npending)
+        shutdown (h2o_socket_get_fd (c->sock), SHUT_RD);
+    while ((gw->conns.next != &gw->conns || gw->npending || (gw->hub && cn_hub_count (gw->hub)))
            && h2o_now (gw->evloop) < deadline)
         h2o_evloop_run (gw->evloop, 10);
+    if (gw->hub)
+        cn_hub_finish (gw->hub);
     zsock_destroy (&gw->push);
     gw->push_handle = NULL;
     for (int k = 0; k < SVC_COUNT; k++) {

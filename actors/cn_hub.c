@@ -8,11 +8,28 @@
  * A session is born from GET /agent/session: the gateway checks the request
  * (upgrade headers, x-server-uuid) and calls cn_hub_on_req, which answers
  * 101 through h2o_http1_upgrade and, once those bytes are written, takes the
- * raw socket over. From then on h2o only moves bytes: the framing is ours
+ * raw socket out of h2o (h2o_socket_export). The framing is ours
  * (lib/cn_ws.c), because wslay would add ~8.5 KiB of buffers per connection
- * and the budget is 16 KiB per session all told. An idle session holds no
- * buffer at all: h2o frees a socket's input buffer once it is consumed, and
- * our output queue is freed once written.
+ * and the budget is 16 KiB per session all told.
+ *
+ * Socket I/O. The session sockets are in an edge-triggered epoll of ours,
+ * whose fd h2o's loop watches (H2O_SOCKET_FLAG_DONT_READ): one wake-up of
+ * the loop handles every ready session. h2o's own epoll is level-triggered,
+ * which polls each ready socket twice per event; with 15,000 sessions each
+ * sending one frame a second that, and h2o's per-socket bookkeeping, were a
+ * tenth of the thread (docs/benchmarks.md, "Fifth round"). A ready socket
+ * is read into one 64 KiB buffer shared by all sessions until the kernel
+ * has no more (a short read, or end of file once the peer hung up); whole
+ * frames are parsed in place, and only an incomplete frame's bytes are
+ * copied into the session (ibuf). Writes are send() at once; what the
+ * kernel does not take waits in wbuf for EPOLLOUT. An idle session holds no
+ * buffer at all.
+ *
+ * A closed session's fd is closed at once, but the session is freed only at
+ * the top of the loop (s_reap: the end of the epoll batch, or a zero-delay
+ * timeout): the batch may still hold an event for it, and a send can fail
+ * inside s_send_frame, whose callers go on using s (fd -1 makes every later
+ * step a no-op).
  *
  * States: HELLO (waiting for the agent's hello) -> CLAIM (the sessions actor
  * is taking ownership in the store) -> OWNED (welcome sent; heartbeats both
@@ -43,7 +60,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <czmq.h>
 #include <h2o/http1.h>
@@ -57,6 +76,8 @@
 #define COMPONENT "hub"
 #define SESS_BUCKETS 16384          /* power of two */
 #define LINGER_MS 1000              /* CLOSING: wait this long for the peer */
+#define EP_EVENTS 256               /* sessions' epoll: events per epoll_wait */
+#define READ_CHUNK 65536            /* bytes per read (one buffer for all sessions) */
 
 enum { S_HELLO, S_CLAIM, S_OWNED, S_CLOSING };
 
@@ -64,7 +85,10 @@ typedef struct sess {
     struct sess *hnext;         /* sid hash chain */
     h2o_linklist_t link;        /* hub->all */
     cn_hub_t *hub;
-    h2o_socket_t *sock;         /* NULL until the 101 is written */
+    int fd;                     /* -1 until the 101 is written, and once closed */
+    size_t woff;                /* bytes of wbuf already sent */
+    char *ibuf;                 /* an incomplete frame's bytes so far */
+    size_t ilen, icap;
     uint64_t sid;
     uint64_t epoch;
     uint64_t hb_seq;
@@ -103,6 +127,14 @@ struct cn_hub {
     bool rx_registered;
     h2o_timeout_t beat_to, dead_to, linger_to, flush_to;
     h2o_timeout_entry_t flush_entry;
+    /* the sessions' sockets: an edge-triggered epoll of our own, itself
+     * watched by h2o's loop (docs/sessions.md, "Socket I/O") */
+    int ep;
+    h2o_socket_t *ep_sock;
+    h2o_timeout_t reap_to;      /* zero delay: free closed sessions */
+    h2o_timeout_entry_t reap_entry;
+    uint8_t *rbuf;              /* READ_CHUNK bytes, for every session's reads */
+    h2o_linklist_t closing;     /* closed, to be freed (s_reap) */
     bool timeouts_ready;
     sess_t **table;
     h2o_linklist_t all;
@@ -190,58 +222,105 @@ s_bye (sess_t *s, const char *reason)
 /* ------------------------------------------------------------------ */
 /* Output                                                               */
 
-static void s_on_written (h2o_socket_t *sock, const char *err);
 static void s_free (sess_t *s);
 
+/* Free the sessions closed since the last time (the end of an epoll batch,
+ * or the zero-delay timeout a close links). */
+static void
+s_reap (cn_hub_t *hub)
+{
+    while (!h2o_linklist_is_empty (&hub->closing)) {
+        sess_t *s = H2O_STRUCT_FROM_MEMBER (sess_t, link, hub->closing.next);
+        s_free (s);
+    }
+}
+
+static void
+s_on_reap (h2o_timeout_entry_t *entry)
+{
+    s_reap (H2O_STRUCT_FROM_MEMBER (cn_hub_t, reap_entry, entry));
+}
+
+/* Close the socket: no more input or output. s itself is freed later, at
+ * the top of the loop (the caller, an epoll batch holding an event for s,
+ * or a send failing inside s_send_frame, may still look at it: fd is -1). */
 static void
 s_close_socket (sess_t *s)
 {
-    if (s->sock) {
-        h2o_socket_t *sock = s->sock;
-        s->sock = NULL;
-        sock->data = NULL;
-        h2o_socket_read_stop (sock);
-        h2o_socket_close (sock);
-        atomic_fetch_sub_explicit (&s->hub->stats.open, 1, memory_order_relaxed);
+    cn_hub_t *hub = s->hub;
+    if (s->fd >= 0) {
+        close (s->fd);          /* (also leaves the epoll set) */
+        s->fd = -1;
+        atomic_fetch_sub_explicit (&hub->stats.open, 1, memory_order_relaxed);
     }
-    s_free (s);
+    if (!h2o_timeout_is_linked (&hub->reap_entry))
+        h2o_timeout_link (hub->loop, &hub->reap_to, &hub->reap_entry);
+    if (s->state != S_CLOSING)
+        s->state = S_CLOSING;   /* nothing more is parsed or sent */
+    if (h2o_timeout_is_linked (&s->beat))
+        h2o_timeout_unlink (&s->beat);
+    if (h2o_timeout_is_linked (&s->dead))
+        h2o_timeout_unlink (&s->dead);
+    s_table_remove (hub, s);        /* commands no longer find it */
+    if (!h2o_linklist_is_linked (&s->link))
+        h2o_linklist_insert (&hub->closing, &s->link);
+}
+
+static void s_on_sent (sess_t *s, int res);
+
+/* Send what is left of wbuf; an EAGAIN waits for EPOLLOUT. */
+static void
+s_try_send (sess_t *s)
+{
+    while (s->woff < s->wlen) {
+        ssize_t n = send (s->fd, s->wbuf + s->woff, s->wlen - s->woff, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n > 0) {
+            s->woff += (size_t) n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return;
+        s_on_sent (s, n < 0 ? -errno : -EPIPE);
+        return;
+    }
+    s_on_sent (s, (int) s->wlen);
 }
 
 /* Write what is queued when nothing is in flight. */
 static void
 s_flush_out (sess_t *s)
 {
-    if (s->writing || !s->sock)
+    if (s->writing || s->fd < 0)
         return;
     if (s->olen == 0) {
         if (s->close_when_written && !s->fin_sent) {
             /* our close frame is out: half-close and wait (bounded by the
              * linger timer) for the peer to close its side */
             s->fin_sent = true;
-            shutdown (h2o_socket_get_fd (s->sock), SHUT_WR);
+            shutdown (s->fd, SHUT_WR);
         }
         return;
     }
     s->wbuf = s->obuf;
     s->wlen = s->olen;
+    s->woff = 0;
     s->obuf = NULL;
     s->olen = s->ocap = 0;
     s->writing = true;
-    h2o_iovec_t buf = h2o_iovec_init (s->wbuf, s->wlen);
-    h2o_socket_write (s->sock, &buf, 1, s_on_written);
+    s_try_send (s);
 }
 
+/* wbuf is out (res >= 0) or the send failed (-errno). */
 static void
-s_on_written (h2o_socket_t *sock, const char *err)
+s_on_sent (sess_t *s, int res)
 {
-    sess_t *s = sock->data;
-    if (!s)
-        return;
     free (s->wbuf);
     s->wbuf = NULL;
-    s->wlen = 0;
+    s->wlen = s->woff = 0;
     s->writing = false;
-    if (err || (s->peer_gone && s->olen == 0)) {
+    if (res < 0 || (s->peer_gone && s->olen == 0)) {
         s_bye (s, "closed");
         s_close_socket (s);
         return;
@@ -253,7 +332,7 @@ s_on_written (h2o_socket_t *sock, const char *err)
 static void
 s_send_frame (sess_t *s, uint8_t opcode, const void *payload, size_t len)
 {
-    if (!s->sock || s->close_when_written)
+    if (s->fd < 0 || s->close_when_written)
         return;
     size_t need = s->olen + CN_WS_MAX_HEADER + len;
     if (need > s->ocap) {
@@ -369,7 +448,7 @@ s_on_dead (h2o_timeout_entry_t *entry)
      * of live sessions were closed at once (docs/benchmarks.md, "Sessions
      * (issue 3)"). Look again one interval after they are read. */
     int unread = 0;
-    if (s->sock && ioctl (h2o_socket_get_fd (s->sock), FIONREAD, &unread) == 0 && unread > 0) {
+    if (s->fd >= 0 && ioctl (s->fd, FIONREAD, &unread) == 0 && unread > 0) {
         h2o_timeout_link (s->hub->loop, &s->hub->dead_to, &s->dead);
         return;
     }
@@ -710,51 +789,147 @@ s_on_frame (sess_t *s, const cn_ws_frame_t *f)
     }
 }
 
+/* The read side ended (EOF, reset, or an error). */
 static void
-s_on_read (h2o_socket_t *sock, const char *err)
+s_on_peer_gone (sess_t *s)
 {
-    sess_t *s = sock->data;
-    if (!s)
-        return;
-    if (err) {
-        /* the peer closed or the connection broke */
-        s_bye (s, "closed");
-        if (s->writing && s->state == S_CLOSING) {
-            /* let our close frame go out first; the linger bounds it */
-            s->peer_gone = true;
-            h2o_socket_read_stop (sock);
-            return;
-        }
-        s_close_socket (s);
+    s_bye (s, "closed");
+    if (s->writing && s->state == S_CLOSING) {
+        /* let our close frame go out first; the linger bounds it */
+        s->peer_gone = true;
         return;
     }
-    if (s->state == S_CLOSING) {
-        /* after our close frame: discard until the peer closes */
-        h2o_buffer_consume (&sock->input, sock->input->size);
-        return;
-    }
-    s->last_heard = h2o_now (s->hub->loop);
-    h2o_timeout_unlink (&s->dead);
-    h2o_timeout_link (s->hub->loop, &s->hub->dead_to, &s->dead);
-    while (sock->input->size > 0 && s->state != S_CLOSING) {
+    s_close_socket (s);
+}
+
+/* Parse the frames in p[0..n) (unmasked in place); returns the bytes of an
+ * incomplete frame left at the end. */
+static size_t
+s_parse (sess_t *s, uint8_t *p, size_t n, size_t *used)
+{
+    size_t off = 0;
+    while (off < n && s->state != S_CLOSING && s->fd >= 0) {
         cn_ws_frame_t f;
         uint16_t code = 0;
         const char *why = NULL;
-        int rc = cn_ws_parse ((uint8_t *) sock->input->bytes, sock->input->size,
-                              CN_WS_MAX_MESSAGE, &f, &code, &why);
+        int rc = cn_ws_parse (p + off, n - off, CN_WS_MAX_MESSAGE, &f, &code, &why);
         if (rc == 0)
             break;
         if (rc < 0) {
             s_fail (s, code, why);
+            off = n;
             break;
         }
         s_on_frame (s, &f);
-        /* s may be CLOSING now, never freed here (frees happen only when
-         * the socket closes, which is never inside this loop) */
-        h2o_buffer_consume (&sock->input, f.size);
+        /* s may be CLOSING now, never freed here (a session closed in an
+         * epoll batch is freed at the end of the batch) */
+        off += f.size;
     }
-    if (s->state == S_CLOSING && sock->input->size > 0)
-        h2o_buffer_consume (&sock->input, sock->input->size);
+    if (s->state == S_CLOSING || s->fd < 0)
+        off = n;                /* after our close frame: discard */
+    *used = off;
+    return n - off;
+}
+
+/* Bytes from the agent. */
+static void
+s_on_bytes (sess_t *s, uint8_t *p, size_t n)
+{
+    if (s->fd < 0 || s->state == S_CLOSING || n == 0)
+        return;
+    s->last_heard = h2o_now (s->hub->loop);
+    h2o_timeout_unlink (&s->dead);
+    h2o_timeout_link (s->hub->loop, &s->hub->dead_to, &s->dead);
+    size_t used = 0, left;
+    if (s->ilen == 0) {
+        /* the usual case: whole frames, parsed where the kernel put them */
+        left = s_parse (s, p, n, &used);
+        if (left) {
+            if (left > s->icap) {
+                char *b = realloc (s->ibuf, left);
+                if (!b)
+                    abort ();
+                s->ibuf = b;
+                s->icap = left;
+            }
+            memcpy (s->ibuf, p + used, left);
+        }
+    }
+    else {
+        if (s->ilen + n > s->icap) {
+            size_t cap = s->icap ? s->icap : 256;
+            while (cap < s->ilen + n)
+                cap *= 2;
+            char *b = realloc (s->ibuf, cap);
+            if (!b)
+                abort ();
+            s->ibuf = b;
+            s->icap = cap;
+        }
+        memcpy (s->ibuf + s->ilen, p, n);
+        s->ilen += n;
+        left = s_parse (s, (uint8_t *) s->ibuf, s->ilen, &used);
+        if (left && used)
+            memmove (s->ibuf, s->ibuf + used, left);
+    }
+    s->ilen = left;
+    if (!left && s->icap > 4096) {
+        /* a large message went through: give its buffer back */
+        free (s->ibuf);
+        s->ibuf = NULL;
+        s->icap = 0;
+    }
+}
+
+/* Readiness of one session's socket (edge-triggered: read until the
+ * kernel has nothing more; a short read means that, unless the peer also
+ * hung up, when the read must go on to the end of file). */
+static void
+s_on_ready (cn_hub_t *hub, sess_t *s, uint32_t ev)
+{
+    if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
+        bool hup = (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0;
+        for (int round = 0; s->fd >= 0 && !s->peer_gone && round < 64; round++) {
+            ssize_t n = read (s->fd, hub->rbuf, READ_CHUNK);
+            if (n > 0) {
+                s_on_bytes (s, hub->rbuf, (size_t) n);
+                if ((size_t) n < READ_CHUNK && !hup)
+                    break;
+                continue;
+            }
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+                break;
+            s_on_peer_gone (s);     /* 0: end of file; < 0: reset or error */
+            break;
+        }
+    }
+    if ((ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) && s->fd >= 0 && s->writing)
+        s_try_send (s);
+}
+
+/* h2o's loop: our epoll has events. */
+static void
+s_on_ep (h2o_socket_t *sock, const char *err)
+{
+    cn_hub_t *hub = sock->data;
+    if (err) {
+        CN_ERROR (COMPONENT, "the sessions' epoll failed", "{s:s}", "error", err);
+        return;
+    }
+    struct epoll_event evs[EP_EVENTS];
+    for (int round = 0; round < 16; round++) {
+        int n = epoll_wait (hub->ep, evs, EP_EVENTS, 0);
+        for (int i = 0; i < n; i++) {
+            sess_t *s = evs[i].data.ptr;
+            if (s->fd >= 0)
+                s_on_ready (hub, s, evs[i].events);
+        }
+        if (n < EP_EVENTS)
+            break;
+    }
+    s_reap (hub);
 }
 
 /* ------------------------------------------------------------------ */
@@ -877,9 +1052,12 @@ s_free (sess_t *s)
     if (h2o_timeout_is_linked (&s->dead))
         h2o_timeout_unlink (&s->dead);
     s_table_remove (hub, s);
+    if (h2o_linklist_is_linked (&s->link))
+        h2o_linklist_unlink (&s->link);
     free (s->wbuf);
     free (s->obuf);
     free (s->frag);
+    free (s->ibuf);
     free (s);
 }
 
@@ -891,23 +1069,39 @@ s_on_upgraded (void *user_data, h2o_socket_t *sock, size_t reqsize)
         s_free (s);
         return;
     }
-    s->sock = sock;
-    sock->data = s;
-    atomic_fetch_add_explicit (&s->hub->stats.open, 1, memory_order_relaxed);
+    cn_hub_t *hub = s->hub;
     h2o_buffer_consume (&sock->input, reqsize);
-    s->last_heard = h2o_now (s->hub->loop);
+    /* from here on the socket is ours, out of h2o's loop */
+    h2o_socket_export_t info;
+    if (h2o_socket_export (sock, &info) != 0) {
+        s_free (s);
+        return;
+    }
+    s->fd = info.fd;
+    struct epoll_event ev = { .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = s };
+    if (epoll_ctl (hub->ep, EPOLL_CTL_ADD, s->fd, &ev) != 0) {
+        CN_ERROR (COMPONENT, "cannot watch a session socket", "{s:s,s:s}", "server_uuid",
+                  s->uuid, "error", strerror (errno));
+        close (s->fd);
+        s->fd = -1;
+        h2o_buffer_dispose (&info.input);
+        s_free (s);
+        return;
+    }
+    atomic_fetch_add_explicit (&hub->stats.open, 1, memory_order_relaxed);
+    s->last_heard = h2o_now (hub->loop);
     s->connected_ms = s->last_heard;
-    h2o_timeout_link (s->hub->loop, &s->hub->dead_to, &s->dead);
-    h2o_socket_read_start (sock, s_on_read);
-    if (s->hub->shutting_down) {
+    h2o_timeout_link (hub->loop, &hub->dead_to, &s->dead);
+    if (hub->shutting_down) {
         s->quiet = true;
         s_send_goaway (s, "shutdown");
         s_close (s, CN_WS_CLOSE_GOING_AWAY, "instance shutting down");
-        return;
     }
+    else
     /* bytes that came with the request (a hello sent without waiting) */
-    if (sock->input->size > 0)
-        s_on_read (sock, NULL);
+    if (info.input->size > 0)
+        s_on_bytes (s, (uint8_t *) info.input->bytes, info.input->size);
+    h2o_buffer_dispose (&info.input);
 }
 
 int
@@ -925,6 +1119,7 @@ cn_hub_on_req (cn_hub_t *hub, h2o_req_t *req, const char *uuid, h2o_iovec_t key,
     if (!s)
         abort ();
     s->hub = hub;
+    s->fd = -1;
     s->sid = ++hub->next_sid;
     memcpy (s->uuid, uuid, 36);
     s->beat.cb = s_on_beat;
@@ -961,7 +1156,7 @@ cn_hub_shutdown (cn_hub_t *hub)
     for (h2o_linklist_t *l = hub->all.next; l != &hub->all; ) {
         sess_t *s = H2O_STRUCT_FROM_MEMBER (sess_t, link, l);
         l = l->next;
-        if (!s->sock || s->state == S_CLOSING)
+        if (s->fd < 0 || s->state == S_CLOSING)
             continue;
         /* no bye: the rows stay ours until another instance takes them
          * over (docs/sessions.md, "Shutdown") */
@@ -973,18 +1168,31 @@ cn_hub_shutdown (cn_hub_t *hub)
     CN_INFO (COMPONENT, "sessions told to go elsewhere", "{s:i}", "sessions", (int) n);
 }
 
+void
+cn_hub_finish (cn_hub_t *hub)
+{
+    while (!h2o_linklist_is_empty (&hub->all)) {
+        sess_t *s = H2O_STRUCT_FROM_MEMBER (sess_t, link, hub->all.next);
+        s_close_socket (s);
+    }
+    s_reap (hub);
+    if (h2o_timeout_is_linked (&hub->reap_entry))
+        h2o_timeout_unlink (&hub->reap_entry);
+    if (hub->ep_sock) {
+        h2o_socket_read_stop (hub->ep_sock);
+        h2o_socket_close (hub->ep_sock);    /* closes the epoll fd */
+        hub->ep_sock = NULL;
+        hub->ep = -1;
+    }
+}
+
 size_t
 cn_hub_count (cn_hub_t *hub)
 {
     return hub->count;
 }
 
-bool
-cn_hub_is_session (cn_hub_t *hub, h2o_socket_t *sock)
-{
-    (void) hub;
-    return sock && sock->_cb.read == s_on_read;
-}
+
 
 h2o_multithread_receiver_t *
 cn_hub_receiver (cn_hub_t *hub)
@@ -1015,8 +1223,29 @@ cn_hub_new (const cn_config_t *cfg, h2o_context_t *ctx, cn_liveness_t *live)
     if (!hub->table)
         abort ();
     h2o_linklist_init_anchor (&hub->all);
+    h2o_linklist_init_anchor (&hub->closing);
+    hub->ep = -1;
     cn_uuid_new (hub->boot_id);
     return hub;
+}
+
+/* The sessions' epoll, in h2o's loop (created before the h2o thread runs,
+ * as the gateway's listener is). Edge-triggered, so each ready socket is
+ * looked at once per event: h2o's own level-triggered epoll polls each ready
+ * socket twice (docs/benchmarks.md, "Fifth round"). */
+static int
+s_ep_setup (cn_hub_t *hub, char *reason, size_t rlen)
+{
+    hub->rbuf = malloc (READ_CHUNK);
+    hub->ep = epoll_create1 (EPOLL_CLOEXEC);
+    if (!hub->rbuf || hub->ep < 0) {
+        snprintf (reason, rlen, "sessions' epoll: %s", hub->rbuf ? strerror (errno) : "out of memory");
+        return -1;
+    }
+    hub->ep_sock = h2o_evloop_socket_create (hub->loop, hub->ep, H2O_SOCKET_FLAG_DONT_READ);
+    hub->ep_sock->data = hub;
+    h2o_socket_read_start (hub->ep_sock, s_on_ep);
+    return 0;
 }
 
 int
@@ -1050,6 +1279,8 @@ cn_hub_start (cn_hub_t *hub, char *reason, size_t rlen)
         return -1;
     }
     hub->tpush_handle = zsock_resolve (hub->tpush);
+    if (s_ep_setup (hub, reason, rlen) != 0)
+        return -1;
     h2o_multithread_register_receiver (hub->ctx->queue, &hub->rx, s_on_cmds);
     hub->rx_registered = true;
     /* the fallback beat: the agent's own hbs (answered at once) normally
@@ -1058,6 +1289,8 @@ cn_hub_start (cn_hub_t *hub, char *reason, size_t rlen)
     h2o_timeout_init (hub->loop, &hub->dead_to, (uint64_t) cfg->session_dead_after_ms);
     h2o_timeout_init (hub->loop, &hub->linger_to, LINGER_MS);
     h2o_timeout_init (hub->loop, &hub->flush_to, (uint64_t) cfg->session_flush_ms);
+    h2o_timeout_init (hub->loop, &hub->reap_to, 0);
+    hub->reap_entry.cb = s_on_reap;
     hub->timeouts_ready = true;
     hub->flush_entry.cb = s_on_flush;
     h2o_timeout_link (hub->loop, &hub->flush_to, &hub->flush_entry);
@@ -1108,11 +1341,21 @@ cn_hub_destroy (cn_hub_t **p)
         h2o_multithread_unregister_receiver (hub->ctx->queue, &hub->rx);
         hub->rx_registered = false;
     }
-    /* sessions whose sockets outlived the shutdown grace */
+    /* sessions left (cn_hub_finish closed them if the h2o thread ran) */
     while (!h2o_linklist_is_empty (&hub->all)) {
         sess_t *s = H2O_STRUCT_FROM_MEMBER (sess_t, link, hub->all.next);
-        s_close_socket (s);
+        if (s->fd >= 0)
+            close (s->fd);
+        s->fd = -1;
+        s_free (s);
     }
+    while (!h2o_linklist_is_empty (&hub->closing)) {
+        sess_t *s = H2O_STRUCT_FROM_MEMBER (sess_t, link, hub->closing.next);
+        s_free (s);
+    }
+    /* (the epoll's h2o socket is the h2o thread's: cn_hub_finish closed it;
+     * if that thread never ran, h2o's loop disposal has it) */
+    free (hub->rbuf);
     if (hub->timeouts_ready) {
         if (h2o_timeout_is_linked (&hub->flush_entry))
             h2o_timeout_unlink (&hub->flush_entry);
@@ -1120,6 +1363,9 @@ cn_hub_destroy (cn_hub_t **p)
         h2o_timeout_dispose (hub->loop, &hub->dead_to);
         h2o_timeout_dispose (hub->loop, &hub->linger_to);
         h2o_timeout_dispose (hub->loop, &hub->flush_to);
+        if (h2o_timeout_is_linked (&hub->reap_entry))
+            h2o_timeout_unlink (&hub->reap_entry);
+        h2o_timeout_dispose (hub->loop, &hub->reap_to);
         hub->timeouts_ready = false;
     }
     free (hub->table);

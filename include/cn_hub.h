@@ -23,7 +23,7 @@
  *   cn_hub_start (hub, reason, sizeof reason);   // binds, starts "sessions"
  *   ... h2o thread: cn_hub_on_req (hub, req, uuid) for GET /agent/session
  *   ... h2o thread at shutdown: cn_hub_shutdown (hub); run the loop while
- *       cn_hub_count (hub) > 0 (bounded)
+ *       cn_hub_count (hub) > 0 (bounded); cn_hub_finish (hub)
  *   cn_hub_destroy (&hub);                        // after the h2o thread
  */
 #ifndef CN_HUB_H
@@ -99,11 +99,13 @@ int cn_hub_on_req (cn_hub_t *hub, h2o_req_t *req, const char *uuid, h2o_iovec_t 
 /* h2o thread: stop taking sessions; send goaway "shutdown" and close 1001
  * to every session. The sockets close as their last bytes are written. */
 void cn_hub_shutdown (cn_hub_t *hub);
-/* h2o thread: sessions still holding a socket. */
+/* h2o thread: sessions still holding a socket (0 once every socket is
+ * closed; a closed session's fd waits for its ring operations). Session
+ * sockets leave h2o's loop at the upgrade, so the gateway never sees them. */
 size_t cn_hub_count (cn_hub_t *hub);
-/* h2o thread: sock is a session's (the gateway leaves those to the hub at
- * shutdown). */
-bool cn_hub_is_session (cn_hub_t *hub, h2o_socket_t *sock);
+/* h2o thread, last: close what is left (the sockets, their ring
+ * operations, the ring's eventfd in h2o's loop). */
+void cn_hub_finish (cn_hub_t *hub);
 
 /* The hub's mailbox: the sessions actor sends commands here (and the
  * tasks actor its CN_HUB_SEND task_acks). */

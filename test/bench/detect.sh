@@ -32,6 +32,7 @@ while [ $# -gt 0 ]; do
 done
 [ "$N" -le 1000 ] || { echo "--cns: at most 1000 (5 requests of 200 uuids a round)"; exit 2; }
 bench_init bdetect
+rm -f "$STATE"/poll-*.jsonl "$STATE"/detect-*.jsonl   # appended to: a previous run's are not this one's
 start_cnapid 1
 start_cnapid 2
 wait_ready 1
@@ -90,6 +91,8 @@ for kind in ("closed", "silent"):
         e = by.setdefault(r["url"], ([], []))
         e[0].extend(r["ends"]); e[1].extend(r["starts"])
     for url, (ends, starts) in sorted(by.items()):
+        if not ends:
+            continue
         role = "owner" if url.startswith("http://127.0.0.2:") else "other instance"
         print("   %-6s %-14s n=%d  p50 %d ms, p90 %d, p99 %d, max %d   (round start - t0: p50 %d, p99 %d)"
               % (kind, role, len(ends), pct(ends, 50), pct(ends, 90), pct(ends, 99), max(ends),
