@@ -432,6 +432,8 @@ s_on_beat (h2o_timeout_entry_t *entry)
     s_beat (s);
 }
 
+static void s_on_ready (cn_hub_t *hub, sess_t *s, uint32_t ev);
+
 static void
 s_on_dead (h2o_timeout_entry_t *entry)
 {
@@ -441,15 +443,18 @@ s_on_dead (h2o_timeout_entry_t *entry)
         s_close_socket (s);
         return;
     }
-    /* Bytes the kernel holds for us are not silence. h2o's loop reads at
-     * most one epoll batch (256 sockets) between two timer runs, so with
-     * thousands of sessions and a thread that fell behind (CPU starved) a
-     * heartbeat can wait unread for seconds: without this check thousands
-     * of live sessions were closed at once (docs/benchmarks.md, "Sessions
-     * (issue 3)"). Look again one interval after they are read. */
+    /* Bytes the kernel holds for us are not silence. With thousands of
+     * sessions and a thread that fell behind (CPU starved), a heartbeat can
+     * wait unread for seconds behind the other ready sockets: without this
+     * check thousands of live sessions were closed at once
+     * (docs/benchmarks.md, "Sessions (issue 3)"). Read them now (to the end
+     * of file, should the peer have gone meanwhile) and look again one
+     * interval later. */
     int unread = 0;
     if (s->fd >= 0 && ioctl (s->fd, FIONREAD, &unread) == 0 && unread > 0) {
-        h2o_timeout_link (s->hub->loop, &s->hub->dead_to, &s->dead);
+        s_on_ready (s->hub, s, EPOLLIN | EPOLLRDHUP);
+        if (s->fd >= 0 && s->state != S_CLOSING && !h2o_timeout_is_linked (&s->dead))
+            h2o_timeout_link (s->hub->loop, &s->hub->dead_to, &s->dead);
         return;
     }
     atomic_fetch_add_explicit (&s->hub->stats.timeouts, 1, memory_order_relaxed);
@@ -889,7 +894,8 @@ s_on_ready (cn_hub_t *hub, sess_t *s, uint32_t ev)
 {
     if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
         bool hup = (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0;
-        for (int round = 0; s->fd >= 0 && !s->peer_gone && round < 64; round++) {
+        int round = 0;
+        for (; s->fd >= 0 && !s->peer_gone && round < 64; round++) {
             ssize_t n = read (s->fd, hub->rbuf, READ_CHUNK);
             if (n > 0) {
                 s_on_bytes (s, hub->rbuf, (size_t) n);
@@ -903,6 +909,14 @@ s_on_ready (cn_hub_t *hub, sess_t *s, uint32_t ev)
                 break;
             s_on_peer_gone (s);     /* 0: end of file; < 0: reset or error */
             break;
+        }
+        if (round == 64 && s->fd >= 0 && !s->peer_gone) {
+            /* 4 MiB in one go: let the others have their turn. The edge is
+             * spent, so ask epoll to report the socket again if it still
+             * has bytes (or an end of file) for us. */
+            struct epoll_event again = { .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
+                                         .data.ptr = s };
+            (void) epoll_ctl (hub->ep, EPOLL_CTL_MOD, s->fd, &again);
         }
     }
     if ((ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) && s->fd >= 0 && s->writing)
@@ -1171,9 +1185,13 @@ cn_hub_shutdown (cn_hub_t *hub)
 void
 cn_hub_finish (cn_hub_t *hub)
 {
-    while (!h2o_linklist_is_empty (&hub->all)) {
-        sess_t *s = H2O_STRUCT_FROM_MEMBER (sess_t, link, hub->all.next);
-        s_close_socket (s);
+    /* (a session whose 101 is still being written stays: h2o holds it as
+     * the upgrade's data; cn_hub_destroy frees it once the loop is gone) */
+    for (h2o_linklist_t *l = hub->all.next; l != &hub->all; ) {
+        sess_t *s = H2O_STRUCT_FROM_MEMBER (sess_t, link, l);
+        l = l->next;
+        if (s->fd >= 0)
+            s_close_socket (s);
     }
     s_reap (hub);
     if (h2o_timeout_is_linked (&hub->reap_entry))
@@ -1237,9 +1255,13 @@ static int
 s_ep_setup (cn_hub_t *hub, char *reason, size_t rlen)
 {
     hub->rbuf = malloc (READ_CHUNK);
+    if (!hub->rbuf) {
+        snprintf (reason, rlen, "sessions' read buffer: out of memory");
+        return -1;
+    }
     hub->ep = epoll_create1 (EPOLL_CLOEXEC);
-    if (!hub->rbuf || hub->ep < 0) {
-        snprintf (reason, rlen, "sessions' epoll: %s", hub->rbuf ? strerror (errno) : "out of memory");
+    if (hub->ep < 0) {
+        snprintf (reason, rlen, "sessions' epoll: %s", strerror (errno));
         return -1;
     }
     hub->ep_sock = h2o_evloop_socket_create (hub->loop, hub->ep, H2O_SOCKET_FLAG_DONT_READ);
@@ -1353,8 +1375,12 @@ cn_hub_destroy (cn_hub_t **p)
         sess_t *s = H2O_STRUCT_FROM_MEMBER (sess_t, link, hub->closing.next);
         s_free (s);
     }
-    /* (the epoll's h2o socket is the h2o thread's: cn_hub_finish closed it;
-     * if that thread never ran, h2o's loop disposal has it) */
+    /* The epoll's h2o socket is the h2o thread's: cn_hub_finish closed it.
+     * If that thread never ran it, h2o's loop disposal frees the struct but
+     * does not close the fd. */
+    if (hub->ep >= 0)
+        close (hub->ep);
+    hub->ep = -1;
     free (hub->rbuf);
     if (hub->timeouts_ready) {
         if (h2o_timeout_is_linked (&hub->flush_entry))

@@ -99,12 +99,12 @@ int cn_hub_on_req (cn_hub_t *hub, h2o_req_t *req, const char *uuid, h2o_iovec_t 
 /* h2o thread: stop taking sessions; send goaway "shutdown" and close 1001
  * to every session. The sockets close as their last bytes are written. */
 void cn_hub_shutdown (cn_hub_t *hub);
-/* h2o thread: sessions still holding a socket (0 once every socket is
- * closed; a closed session's fd waits for its ring operations). Session
- * sockets leave h2o's loop at the upgrade, so the gateway never sees them. */
+/* h2o thread: sessions in the table (0 once every socket is closed).
+ * Session sockets leave h2o's loop at the upgrade, so the gateway's own
+ * connection list never holds them. */
 size_t cn_hub_count (cn_hub_t *hub);
-/* h2o thread, last: close what is left (the sockets, their ring
- * operations, the ring's eventfd in h2o's loop). */
+/* h2o thread, last: close the sessions' sockets that are left and the
+ * hub's epoll (its fd in h2o's loop). */
 void cn_hub_finish (cn_hub_t *hub);
 
 /* The hub's mailbox: the sessions actor sends commands here (and the
