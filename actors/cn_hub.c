@@ -328,23 +328,30 @@ s_on_sent (sess_t *s, int res)
     s_flush_out (s);
 }
 
+/* *buf holds at least need bytes (capacity doubled from min; abort on out
+ * of memory). */
+static void
+s_reserve (char **buf, size_t *cap, size_t need, size_t min)
+{
+    if (need <= *cap)
+        return;
+    size_t c = *cap ? *cap * 2 : min;
+    while (c < need)
+        c *= 2;
+    char *b = realloc (*buf, c);
+    if (!b)
+        abort ();
+    *buf = b;
+    *cap = c;
+}
+
 /* Queue one final frame. */
 static void
 s_send_frame (sess_t *s, uint8_t opcode, const void *payload, size_t len)
 {
     if (s->fd < 0 || s->close_when_written)
         return;
-    size_t need = s->olen + CN_WS_MAX_HEADER + len;
-    if (need > s->ocap) {
-        size_t cap = s->ocap ? s->ocap * 2 : 64;
-        while (cap < need)
-            cap *= 2;
-        char *o = realloc (s->obuf, cap);
-        if (!o)
-            abort ();
-        s->obuf = o;
-        s->ocap = cap;
-    }
+    s_reserve (&s->obuf, &s->ocap, s->olen + CN_WS_MAX_HEADER + len, 64);
     s->olen += cn_ws_header ((uint8_t *) s->obuf + s->olen, opcode, len);
     if (len)
         memcpy (s->obuf + s->olen, payload, len);
@@ -850,27 +857,12 @@ s_on_bytes (sess_t *s, uint8_t *p, size_t n)
         /* the usual case: whole frames, parsed where the kernel put them */
         left = s_parse (s, p, n, &used);
         if (left) {
-            if (left > s->icap) {
-                char *b = realloc (s->ibuf, left);
-                if (!b)
-                    abort ();
-                s->ibuf = b;
-                s->icap = left;
-            }
+            s_reserve (&s->ibuf, &s->icap, left, 256);
             memcpy (s->ibuf, p + used, left);
         }
     }
     else {
-        if (s->ilen + n > s->icap) {
-            size_t cap = s->icap ? s->icap : 256;
-            while (cap < s->ilen + n)
-                cap *= 2;
-            char *b = realloc (s->ibuf, cap);
-            if (!b)
-                abort ();
-            s->ibuf = b;
-            s->icap = cap;
-        }
+        s_reserve (&s->ibuf, &s->icap, s->ilen + n, 256);
         memcpy (s->ibuf + s->ilen, p, n);
         s->ilen += n;
         left = s_parse (s, (uint8_t *) s->ibuf, s->ilen, &used);
