@@ -555,14 +555,7 @@ typedef struct {
 static lrow_t *
 s_lrow_push (lcached_t *lc)
 {
-    if (lc->n == lc->cap) {
-        size_t cap = lc->cap ? lc->cap * 2 : 256;
-        lrow_t *r = realloc (lc->rows, cap * sizeof *r);
-        if (!r)
-            abort ();
-        lc->rows = r;
-        lc->cap = cap;
-    }
+    lc->rows = cn_grow (lc->rows, &lc->cap, lc->n + 1, sizeof *lc->rows, 256);
     lrow_t *r = &lc->rows[lc->n++];
     memset (r, 0, sizeof *r);
     return r;

@@ -328,30 +328,13 @@ s_on_sent (sess_t *s, int res)
     s_flush_out (s);
 }
 
-/* *buf holds at least need bytes (capacity doubled from min; abort on out
- * of memory). */
-static void
-s_reserve (char **buf, size_t *cap, size_t need, size_t min)
-{
-    if (need <= *cap)
-        return;
-    size_t c = *cap ? *cap * 2 : min;
-    while (c < need)
-        c *= 2;
-    char *b = realloc (*buf, c);
-    if (!b)
-        abort ();
-    *buf = b;
-    *cap = c;
-}
-
 /* Queue one final frame. */
 static void
 s_send_frame (sess_t *s, uint8_t opcode, const void *payload, size_t len)
 {
     if (s->fd < 0 || s->close_when_written)
         return;
-    s_reserve (&s->obuf, &s->ocap, s->olen + CN_WS_MAX_HEADER + len, 64);
+    s->obuf = cn_grow (s->obuf, &s->ocap, s->olen + CN_WS_MAX_HEADER + len, 1, 64);
     s->olen += cn_ws_header ((uint8_t *) s->obuf + s->olen, opcode, len);
     if (len)
         memcpy (s->obuf + s->olen, payload, len);
@@ -857,12 +840,12 @@ s_on_bytes (sess_t *s, uint8_t *p, size_t n)
         /* the usual case: whole frames, parsed where the kernel put them */
         left = s_parse (s, p, n, &used);
         if (left) {
-            s_reserve (&s->ibuf, &s->icap, left, 256);
+            s->ibuf = cn_grow (s->ibuf, &s->icap, left, 1, 256);
             memcpy (s->ibuf, p + used, left);
         }
     }
     else {
-        s_reserve (&s->ibuf, &s->icap, s->ilen + n, 256);
+        s->ibuf = cn_grow (s->ibuf, &s->icap, s->ilen + n, 1, 256);
         memcpy (s->ibuf + s->ilen, p, n);
         s->ilen += n;
         left = s_parse (s, (uint8_t *) s->ibuf, s->ilen, &used);

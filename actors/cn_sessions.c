@@ -520,7 +520,6 @@ typedef struct {
     cn_status_row_t *rows;
     size_t n, cap;
     const cn_liveness_t *skip_held; /* resync: skip rows the table holds at this version */
-    size_t skipped;
 } rowvec_t;
 
 static int
@@ -532,22 +531,13 @@ s_collect_row (const cn_mobj_t *obj, void *arg)
      * sessions actor's CPU. Every row put in the table was checked for
      * fencing when it was put, or is our own write. */
     if (v->skip_held && obj->key && obj->id > 0
-        && cn_liveness_version (v->skip_held, obj->key) >= obj->id) {
-        v->skipped++;
+        && cn_liveness_version (v->skip_held, obj->key) >= obj->id)
         return 0;
-    }
     cn_status_row_t r;
     if (cn_status_row_parse (obj->value, obj->value_len, &r) != 0)
         return 0;
     r.version = obj->id;
-    if (v->n == v->cap) {
-        size_t cap = v->cap ? v->cap * 2 : 1024;
-        cn_status_row_t *p = realloc (v->rows, cap * sizeof *p);
-        if (!p)
-            abort ();
-        v->rows = p;
-        v->cap = cap;
-    }
+    v->rows = cn_grow (v->rows, &v->cap, v->n + 1, sizeof *v->rows, 1024);
     v->rows[v->n++] = r;
     return 0;
 }

@@ -98,10 +98,6 @@ bool cn_liveness_loaded (const cn_liveness_t *t);
 /* Rows held and how many say running. */
 size_t cn_liveness_count (const cn_liveness_t *t, size_t *running);
 
-/* Copy every row (for STATUS and the tests). *out malloc'd (caller frees);
- * returns the count. */
-size_t cn_liveness_snapshot (const cn_liveness_t *t, cn_status_row_t **out);
-
 typedef struct {
     char owner[64];
     char owner_boot[37];

@@ -26,6 +26,11 @@ bool cn_uuid_normalize (const char *s, char out[37]);
 /* A fresh random (v4) UUID, lower case, into out[37]. */
 void cn_uuid_new (char out[37]);
 
+/* Room for at least `need` elements of `elem` bytes in p, whose capacity
+ * (in elements) is *cap: returns p, or p reallocated to a capacity doubled
+ * from `min` until it holds need (*cap updated). Aborts on out of memory. */
+void *cn_grow (void *p, size_t *cap, size_t need, size_t elem, size_t min);
+
 /* CRC32 (IEEE, as zlib) of data, as Moray computes its _etag. */
 uint32_t cn_crc32 (const void *data, size_t len);
 /* The etag of a value: CRC32 as 8 upper-case hex digits, out[9]. */

@@ -421,10 +421,8 @@ size_t
 cn_liveness_owners (const cn_liveness_t *ct, cn_owner_t **out)
 {
     cn_liveness_t *t = (cn_liveness_t *) ct;
-    size_t n = 0, cap = 8;
-    cn_owner_t *v = malloc (cap * sizeof *v);
-    if (!v)
-        abort ();
+    size_t n = 0, cap = 0;
+    cn_owner_t *v = cn_grow (NULL, &cap, 1, sizeof *v, 8);
     size_t last = 0;            /* rows of one owner mostly come in runs */
     pthread_rwlock_rdlock (&t->lock);
     for (size_t i = 0; i < t->nbuckets; i++)
@@ -440,13 +438,7 @@ cn_liveness_owners (const cn_liveness_t *ct, cn_owner_t **out)
                              || strcmp (v[j].owner_boot, r->owner_boot) != 0))
                 j++;
             if (j == n) {
-                if (n == cap) {
-                    cap *= 2;
-                    cn_owner_t *p = realloc (v, cap * sizeof *v);
-                    if (!p)
-                        abort ();
-                    v = p;
-                }
+                v = cn_grow (v, &cap, n + 1, sizeof *v, 8);
                 memcpy (v[n].owner, r->owner, sizeof v[n].owner);
                 memcpy (v[n].owner_boot, r->owner_boot, sizeof v[n].owner_boot);
                 n++;
@@ -458,20 +450,3 @@ cn_liveness_owners (const cn_liveness_t *ct, cn_owner_t **out)
     return n;
 }
 
-size_t
-cn_liveness_snapshot (const cn_liveness_t *ct, cn_status_row_t **out)
-{
-    cn_liveness_t *t = (cn_liveness_t *) ct;
-    /* a read lock: other readers go on; the only writer is the caller */
-    pthread_rwlock_rdlock (&t->lock);
-    size_t n = 0;
-    cn_status_row_t *rows = malloc ((t->count ? t->count : 1) * sizeof *rows);
-    if (!rows)
-        abort ();
-    for (size_t i = 0; i < t->nbuckets; i++)
-        for (node_t *nd = t->buckets[i]; nd; nd = nd->next)
-            rows[n++] = nd->row;
-    pthread_rwlock_unlock (&t->lock);
-    *out = rows;
-    return n;
-}

@@ -151,6 +151,21 @@ cn_uuid_new (char out[37])
               b[12], b[13], b[14], b[15]);
 }
 
+void *
+cn_grow (void *p, size_t *cap, size_t need, size_t elem, size_t min)
+{
+    if (need <= *cap)
+        return p;
+    size_t c = *cap ? *cap * 2 : min;
+    while (c < need)
+        c *= 2;
+    void *q = realloc (p, c * elem);
+    if (!q)
+        abort ();
+    *cap = c;
+    return q;
+}
+
 uint32_t
 cn_crc32 (const void *data, size_t len)
 {

@@ -178,9 +178,13 @@ test_table_many (void)
     size_t running = 0;
     CHECK_INT (cn_liveness_count (t, &running), n);
     CHECK_INT (running, n - (n + 2) / 3);
-    cn_status_row_t *snap = NULL;
-    CHECK_INT (cn_liveness_snapshot (t, &snap), n);
-    free (snap);
+    /* every row is there under its own uuid */
+    size_t found = 0;
+    for (size_t i = 0; i < n; i++) {
+        cn_status_row_t got;
+        found += cn_liveness_get (t, rows[i].uuid, &got) && strcmp (got.uuid, rows[i].uuid) == 0;
+    }
+    CHECK_INT (found, n);
     cn_status_row_t out;
     CHECK (cn_liveness_get (t, rows[12345].uuid, &out));
     CHECK_STR (out.uuid, rows[12345].uuid);

@@ -89,10 +89,36 @@ test_backoff (void)
     CHECK (differ);
 }
 
+/* cn_grow: doubles from min until need fits, keeps the contents, leaves a
+ * big enough buffer alone. */
+static void
+test_grow (void)
+{
+    size_t cap = 0;
+    int *v = cn_grow (NULL, &cap, 1, sizeof *v, 8);
+    CHECK (v != NULL);
+    CHECK_INT (cap, 8);
+    for (int i = 0; i < 8; i++)
+        v[i] = i;
+    int *same = cn_grow (v, &cap, 8, sizeof *v, 8);
+    CHECK (same == v);
+    CHECK_INT (cap, 8);
+    v = cn_grow (v, &cap, 9, sizeof *v, 8);
+    CHECK_INT (cap, 16);
+    v = cn_grow (v, &cap, 100, sizeof *v, 8);
+    CHECK_INT (cap, 128);
+    int ok = 1;
+    for (int i = 0; i < 8; i++)
+        ok &= v[i] == i;
+    CHECK (ok);
+    free (v);
+}
+
 int
 main (void)
 {
     RUN (test_uuid);
+    RUN (test_grow);
     RUN (test_crc32_etag);
     RUN (test_iso8601);
     RUN (test_backoff);
