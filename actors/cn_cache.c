@@ -18,6 +18,7 @@
 typedef struct {
     const cn_config_t *cfg;
     cn_cache_stats_t *stats;
+    zsock_t *pipe;            /* to the writer: "cache_done" */
     zsock_t *pull;
     cn_redis_t *redis;
     zhashx_t *dirty;          /* uuids whose cache update failed */
@@ -69,8 +70,9 @@ s_maintenance (self_t *self)
     }
 }
 
-/* One "cache_puts" message: {items: [[uuid, version, json|nil], ...]}. */
-static void
+/* One "cache_puts" message: {seq, items: [[uuid, version, json|nil], ...]}.
+ * Returns its seq (0 when it has none). */
+static uint64_t
 s_apply (self_t *self, zframe_t *frame)
 {
     cn_msg_t m;
@@ -80,8 +82,10 @@ s_apply (self_t *self, zframe_t *frame)
         CN_ERROR (COMPONENT, "bad cache_puts message", "{s:s}", "error", err);
         if (m.map)
             cn_msg_fini (&m);
-        return;
+        return 0;
     }
+    const msgpack_object *sq = cn_msg_get (&m, "seq");
+    uint64_t seq = sq && sq->type == MSGPACK_OBJECT_POSITIVE_INTEGER ? sq->via.u64 : 0;
     const msgpack_object *items = cn_msg_get (&m, "items");
     size_t n = items && items->type == MSGPACK_OBJECT_ARRAY ? items->via.array.size : 0;
     cn_cache_put_t *puts = calloc (n ? n : 1, sizeof *puts);
@@ -116,19 +120,33 @@ s_apply (self_t *self, zframe_t *frame)
     free (puts);
     free (uuids);
     cn_msg_fini (&m);
+    return seq;
 }
 
 static int
 s_on_pull (zloop_t *loop, zsock_t *pull, void *arg)
 {
     self_t *self = arg;
+    uint64_t done = 0;
     for (int i = 0; i < 64; i++) {
         zframe_t *f = zframe_recv_nowait (pull);
         if (!f)
             break;
-        s_apply (self, f);
+        uint64_t seq = s_apply (self, f);
+        if (seq > done)
+            done = seq;
         zframe_destroy (&f);
         atomic_fetch_sub (&self->stats->queued, 1);
+    }
+    /* Tell the writer how far Redis has been brought (written or, when it
+     * failed, remembered as dirty): the HTTP writes it holds up to there can
+     * be answered. */
+    if (done) {
+        cn_msgw_t w;
+        cn_msgw_init (&w, "cache_done", 1);
+        cn_msgw_uint (&w, "seq", done);
+        zframe_t *f = cn_msgw_frame (&w);
+        zframe_send (&f, self->pipe, 0);
     }
     s_maintenance (self);
     return 0;
@@ -170,6 +188,7 @@ cn_cache_actor (zsock_t *pipe, void *args)
     self_t *self = calloc (1, sizeof *self);
     self->cfg = a->cfg;
     self->stats = a->stats;
+    self->pipe = pipe;
     self->dirty = zhashx_new ();
     self->redis = cn_redis_new (self->cfg->redis_url, self->cfg->redis_timeout_ms, COMPONENT);
     self->pull = zsock_new (ZMQ_PULL);

@@ -32,6 +32,9 @@
  * Cache. After the commit, the changed records (with their version, _id) go
  * to the cache writer child actor (actors/cn_cache.c), which writes them
  * through to Redis on its own thread: Redis is never on the commit path.
+ * Answers to HTTP writes wait for the cache writer's "cache_done" covering
+ * their batch (s_answer_http), so a read right after the answer finds the
+ * new version in Redis; answers to AMQP and session traffic never wait.
  *
  * CPU per sysinfo. A sysinfo is ~3 KB of which a record derives ~17 members;
  * it is checked in one pass and kept as its text plus a small tree of those
@@ -107,6 +110,10 @@ typedef struct {
     zactor_t *cache;          /* child: writes committed records to Redis */
     zsock_t *cache_push;
     cn_cache_stats_t cache_stats;
+    uint64_t cache_sent;      /* seq of the last "cache_puts" sent */
+    uint64_t cache_done;      /* seq the cache writer reported done */
+    zlistx_t *held;           /* s_held_t*: HTTP answers waiting for cache_done */
+    uint64_t held_total;
     bool started;
     bool bucket_ready;
 
@@ -178,6 +185,72 @@ s_reply (self_t *self, s_req_t *req, const s_res_t *res)
     zframe_send (&body, self->router, 0);
 }
 
+/* An HTTP write's answer held until Redis has every record committed
+ * before it (s_answer_http): a read right after the answer, on any
+ * instance, must not find the previous version in the shared cache. */
+typedef struct {
+    uint64_t seq;
+    s_req_t *req;
+    s_res_t res;
+} s_held_t;
+
+static void s_req_destroy (s_req_t **p);
+
+static void
+s_held_release (self_t *self, uint64_t upto)
+{
+    s_held_t *h;
+    while ((h = zlistx_first (self->held)) && h->seq <= upto) {
+        zlistx_detach (self->held, NULL);
+        s_reply (self, h->req, &h->res);
+        json_decref (h->res.errors);
+        s_req_destroy (&h->req);
+        free (h);
+    }
+}
+
+/* Answer an HTTP request of a committed batch; takes *reqp and res->errors. */
+static void
+s_answer_http (self_t *self, s_req_t **reqp, s_res_t *res)
+{
+    if (self->cache_done >= self->cache_sent) {
+        s_reply (self, *reqp, res);
+        json_decref (res->errors);
+        s_req_destroy (reqp);
+        return;
+    }
+    s_held_t *h = malloc (sizeof *h);
+    if (!h)
+        abort ();
+    h->seq = self->cache_sent;
+    h->req = *reqp;
+    h->res = *res;
+    *reqp = NULL;
+    zlistx_add_end (self->held, h);
+    self->held_total++;
+}
+
+static int
+s_on_cache (zloop_t *loop, zsock_t *sock, void *arg)
+{
+    self_t *self = arg;
+    zframe_t *f = zframe_recv (sock);
+    if (!f)
+        return 0;
+    cn_msg_t m;
+    char err[128];
+    if (cn_msg_parse (&m, zframe_data (f), zframe_size (f), err, sizeof err) == 0) {
+        uint64_t seq = 0;
+        if (cn_msg_is (&m, "cache_done") && cn_msg_uint (&m, "seq", &seq)
+            && seq > self->cache_done)
+            self->cache_done = seq;
+        cn_msg_fini (&m);
+    }
+    zframe_destroy (&f);
+    s_held_release (self, self->cache_done);
+    return 0;
+}
+
 static void
 s_fail (s_res_t *res, int status, const char *code, const char *outcome, const char *fmt, ...)
 {
@@ -234,7 +307,9 @@ s_decode (self_t *self, zframe_t *identity, zframe_t *frame)
     }
     size_t slen = 0;
     const char *source = cn_msg_str (&m, "source", &slen);
-    req->from_http = source && slen == 4 && memcmp (source, "http", 4) == 0;
+    /* update_server and delete_server only ever come from the HTTP API */
+    req->from_http = (source && slen == 4 && memcmp (source, "http", 4) == 0)
+                     || req->kind == REQ_UPDATE || req->kind == REQ_DELETE;
     cn_msg_int (&m, "sent_ms", &req->sent_ms);
     s_res_t res = { 0 };
     if (!why && req->kind == REQ_SYSINFO) {
@@ -660,7 +735,8 @@ s_run_batch (self_t *self, s_req_t **reqs, size_t n, s_res_t *res)
         /* hand the committed records to the cache writer: one message,
          * {items: [[uuid, version, json|nil], ...]} */
         cn_msgw_t w;
-        cn_msgw_init (&w, "cache_puts", 1);
+        cn_msgw_init (&w, "cache_puts", 2);
+        cn_msgw_uint (&w, "seq", ++self->cache_sent);
         cn_msgw_key (&w, "items");
         msgpack_pack_array (&w.pk, nops);
         for (size_t k = 0; k < nops; k++) {
@@ -793,6 +869,10 @@ s_process_batch (self_t *self, s_req_t **reqs, size_t n)
                 self->lat_next = (self->lat_next + 1) % LAT_SAMPLES;
                 if (self->lat_n < LAT_SAMPLES)
                     self->lat_n++;
+            }
+            if (reqs[i]->from_http) {
+                s_answer_http (self, &reqs[i], &res[i]);
+                continue;
             }
             s_reply (self, reqs[i], &res[i]);
             json_decref (res[i].errors);
@@ -992,7 +1072,7 @@ static zframe_t *
 s_status (self_t *self)
 {
     cn_msgw_t w;
-    cn_msgw_init (&w, "status", 28);
+    cn_msgw_init (&w, "status", 30);
     cn_msgw_str (&w, "actor", self->name);
     cn_msgw_str (&w, "state", !self->started ? "stopped"
                             : zlistx_size (self->retry) ? "backoff" : "running");
@@ -1018,6 +1098,8 @@ s_status (self_t *self)
     cn_msgw_uint (&w, "cache_dirty", atomic_load (&self->cache_stats.dirty));
     cn_msgw_uint (&w, "cache_queued", atomic_load (&self->cache_stats.queued));
     cn_msgw_uint (&w, "cache_failures", atomic_load (&self->cache_stats.failures));
+    cn_msgw_uint (&w, "http_held", zlistx_size (self->held));
+    cn_msgw_uint (&w, "http_held_total", self->held_total);
     cn_msgw_uint (&w, "latency_samples", self->lat_n);
     cn_msgw_uint (&w, "record_cache_hits", self->record_hits);
     cn_msgw_uint (&w, "record_cache_misses", self->record_misses);
@@ -1063,6 +1145,7 @@ s_start (self_t *self)
         return -1;
     zloop_reader (self->loop, self->router, s_on_router, self);
     zloop_reader (self->loop, self->ctl, s_on_ctl, self);
+    zloop_reader (self->loop, zactor_sock (self->cache), s_on_cache, self);
     zloop_timer (self->loop, 1000, 0, s_on_tick, self);
     /* The store may be down at start: that is not fatal, we retry. */
     if (cn_moray_connect (self->moray) == CN_MORAY_OK) {
@@ -1121,6 +1204,7 @@ cn_writer_actor (zsock_t *pipe, void *args)
     self->loop = zloop_new ();
     self->retry = zlistx_new ();
     self->ahead = zlistx_new ();
+    self->held = zlistx_new ();
     self->records = zhashx_new ();
     zhashx_set_destructor (self->records, s_cached_destroy);
     zloop_set_nonstop (self->loop, true);
@@ -1139,6 +1223,9 @@ cn_writer_actor (zsock_t *pipe, void *args)
     for (s_req_t *r = zlistx_first (self->ahead); r; r = zlistx_next (self->ahead))
         s_req_destroy (&r);
     zlistx_destroy (&self->ahead);
+    /* committed: answer what still waits for the cache */
+    s_held_release (self, UINT64_MAX);
+    zlistx_destroy (&self->held);
     zhashx_destroy (&self->records);
     zloop_destroy (&self->loop);
     zsock_destroy (&self->router);

@@ -6,7 +6,10 @@
  * proto/writer.md) and goes on with the next transaction; this actor writes
  * them through to Redis (versioned, pipelined: cn_redis_cache_apply). Redis
  * is a cache: it is never on the commit path, and a slow or dead Redis never
- * holds a sysinfo ack.
+ * holds a sysinfo ack. Each message carries a seq; after a round of them
+ * (written, or remembered as dirty when Redis failed) the actor sends
+ * "cache_done" {seq} on its pipe, and the writer answers the HTTP writes it
+ * held until then (read your writes through the shared cache).
  *
  * Redis down: the uuids it could not update are remembered and dropped from
  * Redis when it comes back (readers then refill from PostgreSQL); past
@@ -16,7 +19,7 @@
  *   cn_cache_args_t args = { cfg, &stats, shard };
  *   zactor_t *c = zactor_new (cn_cache_actor, &args);   // binds, then signals
  *
- * Pipe: $TERM. Counters are read from *stats (atomics) by the writer's STATUS.
+ * Pipe: $TERM in; "cache_done" out. Counters are read from *stats (atomics) by the writer's STATUS.
  */
 #ifndef CN_CACHE_H
 #define CN_CACHE_H

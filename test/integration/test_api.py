@@ -403,9 +403,8 @@ def test_other_instance_sees_writes(t):
     assert d2.get("/servers/%s" % u).body["comments"] == "via api-2"
 
 
-def test_near_cache_off_without_redis(t):
-    """With its Redis gone an instance cannot hear other instances' writes:
-    it must not answer from its near cache then."""
+def _private_redis(t):
+    """A Redis of the test's own (to pause or kill it); (url, port, stop)."""
     port = harness.free_port()
     rdir = t.tmp / "redis"
     rdir.mkdir()
@@ -421,7 +420,51 @@ def test_near_cache_off_without_redis(t):
     t.cleanup(stop_redis)
     harness.wait_until(lambda: harness.port_open("127.0.0.1", port), timeout=10,
                        desc="redis up")
-    url = "redis://127.0.0.1:%d" % port
+    return "redis://127.0.0.1:%d" % port, port, stop_redis
+
+
+def test_write_answered_after_the_cache(t):
+    """A write is answered only once the shared Redis cache holds it: while
+    Redis holds back writes (CLIENT PAUSE WRITE, reads still served), the
+    answer waits, and the reads right after it, on this instance and on
+    another one, find the new record, not the cached old one."""
+    import redis
+    url, port, _ = _private_redis(t)
+    cfg = {"redis": {"timeout_ms": 10000}}
+    d1 = t.cnapid(name="rw-1", pg_conninfo=t.ctx.db, redis_url=url, config=cfg)
+    d2 = t.cnapid(name="rw-2", pg_conninfo=t.ctx.db, redis_url=url, config=cfg)
+    u = t.ctx.uuids[0]
+    before = d1.get("/servers/%s" % u).body["comments"]
+    rc = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+    harness.wait_until(lambda: rc.hget("cnapi:server:%s" % u, "j"), timeout=10,
+                       desc="the record in the shared cache")
+    pause_ms = 1500
+    for n in range(2):
+        want = "%s+held-%d" % (before, n)
+        assert rc.execute_command("CLIENT", "PAUSE", pause_ms, "WRITE")
+        t0 = time.monotonic()
+        r = d1.post("/servers/%s" % u, json={"comments": want}, timeout=30)
+        held = time.monotonic() - t0
+        assert r.status == 204, r
+        assert d1.get("/servers/%s" % u).body["comments"] == want
+        assert d2.get("/servers/%s" % u).body["comments"] == want
+        assert json.loads(rc.hget("cnapi:server:%s" % u, "j"))["comments"] == want
+        t.log("write answered %.0f ms into a %d ms pause" % (held * 1000, pause_ms))
+    assert sum(w.get("http_held_total", 0) for k, w in _actors(d1).items()
+               if k.startswith("writer-")) >= 2
+
+
+def _actors(d):
+    out = subprocess.run([str(harness.build_dir() / "cnapictl"), "-e", d.admin_endpoint, "-j",
+                          "actors"], capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_near_cache_off_without_redis(t):
+    """With its Redis gone an instance cannot hear other instances' writes:
+    it must not answer from its near cache then."""
+    url, port, stop_redis = _private_redis(t)
     d1 = t.cnapid(name="nc-1", pg_conninfo=t.ctx.db, redis_url=url)
     d2 = t.cnapid(name="nc-2", pg_conninfo=t.ctx.db, redis_url=t.ctx.redis_url)
     u = t.ctx.uuids[0]
