@@ -212,10 +212,11 @@ s_bye (sess_t *s, const char *reason)
         return;
     s->quiet = true;
     cn_msgw_t w;
-    cn_msgw_init (&w, "bye", 3);
+    cn_msgw_init (&w, "bye", 4);
     cn_msgw_uint (&w, "sid", s->sid);
     cn_msgw_str (&w, "uuid", s->uuid);
     cn_msgw_str (&w, "reason", reason);
+    cn_msgw_uint (&w, "heard", s->last_heard);
     s_push (s->hub, &w);
 }
 

@@ -282,9 +282,13 @@ s_publish (self_t *self, const cn_status_row_t *rows, size_t n)
         char msg[256];
         cn_status_row_message (&rows[i], msg, sizeof msg);
         size_t len = strlen (msg);
-        /* the owner's boot id rides along (sixth field) for the sweep */
-        snprintf (msg + len, sizeof msg - len, " %s", rows[i].owner_boot[0]
-                                                       ? rows[i].owner_boot : "-");
+        /* the owner's boot id rides along (sixth field) for the sweep, and
+         * the row's times (last_heartbeat, since: ms, 0 = none) for the
+         * API: another instance learning a claim or a release here has
+         * no other way to them until the row changes again */
+        snprintf (msg + len, sizeof msg - len, " %s %" PRId64 " %" PRId64,
+                  rows[i].owner_boot[0] ? rows[i].owner_boot : "-",
+                  rows[i].last_heartbeat_ms, rows[i].since_ms);
         redisAppendCommand (ctx, "PUBLISH %s %s", CN_STATUS_CHANNEL, msg);
     }
     for (size_t i = 0; i < n; i++) {
@@ -1148,11 +1152,13 @@ s_hello (self_t *self, uint64_t sid, const char *uuid, const char *remote, zfram
 }
 
 static void
-s_bye (self_t *self, uint64_t sid, const char *uuid, const char *reason)
+s_bye (self_t *self, uint64_t sid, const char *uuid, const char *reason, int64_t heard)
 {
     owned_t *o = zhashx_lookup (self->owned, uuid);
     if (!o || o->sid != sid)
         return;
+    if (heard > o->last_heard_ms)
+        o->last_heard_ms = heard;   /* the release writes it as last_heartbeat */
     if (o->state == O_CLAIMING) {
         /* nothing written yet; if the claim is running it is void */
         s_owned_remove (self, o);
@@ -1245,7 +1251,9 @@ s_on_hub_msg (self_t *self, zframe_t *f)
     else
     if (cn_msg_is (&m, "bye")) {
         char *reason = cn_msg_strdup (&m, "reason");
-        s_bye (self, sid, uuid, reason ? reason : "closed");
+        int64_t heard = 0;
+        cn_msg_int (&m, "heard", &heard);
+        s_bye (self, sid, uuid, reason ? reason : "closed", heard);
         free (reason);
     }
     else
@@ -1309,19 +1317,29 @@ s_sub_message (void *arg, const char *s)
         CN_WARN (COMPONENT, "bad status message", "{s:s}", "message", s);
         return;
     }
-    /* sixth field: the owner's boot id */
+    /* sixth field: the owner's boot id; seventh and eighth: last_heartbeat
+     * and since (ms, 0 = none; absent from older instances) */
     const char *p = s;
     for (int i = 0; i < 5 && p; i++) {
         p = strchr (p, ' ');
         if (p)
             p++;
     }
-    if (p && strcmp (p, "-") != 0 && strlen (p) < sizeof row.owner_boot)
-        snprintf (row.owner_boot, sizeof row.owner_boot, "%s", p);
+    char boot[40] = "";
+    long long hb = 0, since = 0;
+    int nf = p ? sscanf (p, "%39s %lld %lld", boot, &hb, &since) : 0;
+    if (nf >= 1 && strcmp (boot, "-") != 0 && strlen (boot) < sizeof row.owner_boot)
+        snprintf (row.owner_boot, sizeof row.owner_boot, "%s", boot);
     self->channel_msgs++;
-    /* the message carries no times: keep the ones we hold */
     cn_status_row_t cur;
-    if (cn_liveness_get (self->live, row.uuid, &cur)) {
+    bool held = cn_liveness_get (self->live, row.uuid, &cur);
+    if (nf == 3 && hb >= 0 && since > 0) {
+        row.last_heartbeat_ms = hb;
+        row.since_ms = since;
+    }
+    else
+    if (held) {
+        /* no times in the message: keep the ones we hold */
         row.last_heartbeat_ms = cur.last_heartbeat_ms;
         row.since_ms = row.running == cur.running ? cur.since_ms : cn_now_ms ();
     }
@@ -1458,6 +1476,10 @@ s_mark_unknown (self_t *self, const char *owner, const char *boot)
                     || !r.running || strcmp (r.owner, owner) != 0
                     || (boot[0] && strcmp (r.owner_boot, boot) != 0))
                     continue;
+                /* the last time the dead owner was seen vouching for it */
+                int64_t seen = cn_liveness_vouched (self->live, r.owner, r.owner_boot);
+                if (seen > r.last_heartbeat_ms)
+                    r.last_heartbeat_ms = seen;
                 r.running = false;
                 r.owner[0] = 0;
                 r.owner_boot[0] = 0;
@@ -1515,6 +1537,10 @@ s_sweep (self_t *self)
     if (!cn_liveness_loaded (self->live) || !s_buckets (self))
         return;
     int64_t now = cn_now_ms ();
+    /* this instance is alive: the hub closes a session silent for
+     * dead_after_ms, so every running row we own had its agent heard
+     * within that (what last_heartbeat shows, cn_liveness_vouch) */
+    cn_liveness_vouch (self->live, self->cfg->instance, self->args->boot_id, now);
     /* the instance rows (a handful) */
     for (inst_t *i = zhashx_first (self->instances); i; i = zhashx_next (self->instances))
         i->seen = false;
@@ -1577,6 +1603,8 @@ s_sweep (self_t *self)
         snprintf (key, sizeof key, "%s %s", names[i], boots[i]);
         int64_t *since = zhashx_lookup (self->dead_since, key);
         if (s_alive (self, names[i], boots[i], vals[i], redis_ok, now)) {
+            /* its running rows' agents were heard within dead_after_ms */
+            cn_liveness_vouch (self->live, names[i], boots[i], now);
             if (since)
                 zhashx_delete (self->dead_since, key);
             continue;

@@ -40,6 +40,7 @@
 /* instance liveness key: value = boot id, PX session.dead_after_ms */
 #define CN_INSTANCE_KEY_PREFIX "cnapi:instance:"
 #define CN_LIVENESS_CHUNK 256
+#define CN_LIVENESS_VOUCH_MAX 64
 
 extern const cn_mindex_t cn_status_index[];
 extern const size_t cn_status_nindex;
@@ -87,6 +88,22 @@ void cn_liveness_del (cn_liveness_t *t, const char *uuid);
 /* Copy uuid's row into *out; false when there is none (out unchanged).
  * t may be NULL (then false). uuid: 36 characters, lower case. */
 bool cn_liveness_get (const cn_liveness_t *t, const char *uuid, cn_status_row_t *out);
+
+/* Heartbeats are not written per heartbeat, nor per session every few
+ * seconds: an instance closes a session whose agent is silent for
+ * session.dead_after_ms, so while an owner incarnation is alive each of its
+ * running rows has an agent heard within that. The sessions actor vouches
+ * for every owner it sees alive (its sweep, once a second, and itself);
+ * readers see a running row's last_heartbeat as the later of the stored one
+ * and its owner's vouch (docs/sessions.md, "last_heartbeat").
+ *
+ * cn_liveness_get_seen: cn_liveness_get with that applied (what the API
+ * shows). cn_liveness_vouch: (owner, owner_boot) seen alive at ms (kept if
+ * later; at most CN_LIVENESS_VOUCH_MAX pairs, the one seen longest ago is
+ * dropped for a new one). cn_liveness_vouched: its time, 0 when none. */
+bool cn_liveness_get_seen (const cn_liveness_t *t, const char *uuid, cn_status_row_t *out);
+void cn_liveness_vouch (cn_liveness_t *t, const char *owner, const char *owner_boot, int64_t ms);
+int64_t cn_liveness_vouched (const cn_liveness_t *t, const char *owner, const char *owner_boot);
 
 /* Loaded: the table has been read from the store at least once. Until then
  * readers fall back to the record's own freshness (cn_server_status). */

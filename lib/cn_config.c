@@ -43,7 +43,7 @@ static const cn_conf_key_t s_keys[] = {
     I ("list_cache_mb", list_cache_mb, 256, 0, 65536),
     I ("session.heartbeat_ms", session_heartbeat_ms, 1000, 50, 60000),
     I ("session.dead_after_ms", session_dead_after_ms, 2500, 150, 300000),
-    I ("session.flush_ms", session_flush_ms, 5000, 100, 600000),
+    I ("session.flush_ms", session_flush_ms, 30000, 100, 600000),
     I ("session.owner_grace_ms", session_owner_grace_ms, 5000, 0, 600000),
     I ("session.close_grace_ms", session_close_grace_ms, 500, 0, 60000),
     I ("tasks.per_agent", tasks_per_agent, 8, 1, 1024),

@@ -194,8 +194,16 @@ typedef struct node {
     cn_status_row_t row;
 } node_t;
 
+typedef struct {
+    char owner[64];
+    char owner_boot[37];
+    int64_t ms;
+} vouch_t;
+
 struct cn_liveness {
     pthread_rwlock_t lock;
+    vouch_t vouch[CN_LIVENESS_VOUCH_MAX];   /* owners seen alive, and when */
+    size_t nvouch;
     node_t **buckets;
     size_t nbuckets;          /* power of two */
     size_t count;
@@ -368,6 +376,76 @@ cn_liveness_get (const cn_liveness_t *ct, const char *uuid, cn_status_row_t *out
         *out = n->row;
     pthread_rwlock_unlock (&t->lock);
     return n != NULL;
+}
+
+/* The vouch for (owner, boot), or NULL. Under the lock. */
+static const vouch_t *
+s_vouch_find (const cn_liveness_t *t, const char *owner, const char *owner_boot)
+{
+    for (size_t i = 0; i < t->nvouch; i++)
+        if (strcmp (t->vouch[i].owner, owner) == 0
+            && strcmp (t->vouch[i].owner_boot, owner_boot) == 0)
+            return &t->vouch[i];
+    return NULL;
+}
+
+bool
+cn_liveness_get_seen (const cn_liveness_t *ct, const char *uuid, cn_status_row_t *out)
+{
+    if (!ct || !uuid)
+        return false;
+    cn_liveness_t *t = (cn_liveness_t *) ct;
+    pthread_rwlock_rdlock (&t->lock);
+    node_t *n = s_find (t, uuid);
+    if (n) {
+        *out = n->row;
+        if (out->running && out->owner[0]) {
+            const vouch_t *v = s_vouch_find (t, out->owner, out->owner_boot);
+            if (v && v->ms > out->last_heartbeat_ms)
+                out->last_heartbeat_ms = v->ms;
+        }
+    }
+    pthread_rwlock_unlock (&t->lock);
+    return n != NULL;
+}
+
+void
+cn_liveness_vouch (cn_liveness_t *t, const char *owner, const char *owner_boot, int64_t ms)
+{
+    if (!owner || !owner[0] || !owner_boot)
+        return;
+    pthread_rwlock_wrlock (&t->lock);
+    vouch_t *v = (vouch_t *) s_vouch_find (t, owner, owner_boot);
+    if (!v) {
+        if (t->nvouch < CN_LIVENESS_VOUCH_MAX)
+            v = &t->vouch[t->nvouch++];
+        else {
+            /* full: the one seen longest ago goes (a dead incarnation) */
+            v = &t->vouch[0];
+            for (size_t i = 1; i < t->nvouch; i++)
+                if (t->vouch[i].ms < v->ms)
+                    v = &t->vouch[i];
+        }
+        snprintf (v->owner, sizeof v->owner, "%s", owner);
+        snprintf (v->owner_boot, sizeof v->owner_boot, "%s", owner_boot);
+        v->ms = 0;
+    }
+    if (ms > v->ms)
+        v->ms = ms;
+    pthread_rwlock_unlock (&t->lock);
+}
+
+int64_t
+cn_liveness_vouched (const cn_liveness_t *ct, const char *owner, const char *owner_boot)
+{
+    if (!ct || !owner || !owner_boot)
+        return 0;
+    cn_liveness_t *t = (cn_liveness_t *) ct;
+    pthread_rwlock_rdlock (&t->lock);
+    const vouch_t *v = s_vouch_find (t, owner, owner_boot);
+    int64_t ms = v ? v->ms : 0;
+    pthread_rwlock_unlock (&t->lock);
+    return ms;
 }
 
 int64_t

@@ -317,6 +317,85 @@ def test_sessions_spread_over_three_instances(t):
     assert stats["failures"] == 0 and stats["losses"] == 0, stats
 
 
+def _hb_ms(server):
+    """A server view's last_heartbeat as ms since the epoch (None if null)."""
+    import datetime
+    v = server.get("last_heartbeat")
+    if v is None:
+        return None
+    dt = datetime.datetime.strptime(v, "%Y-%m-%dT%H:%M:%S.%fZ")
+    return int(dt.replace(tzinfo=datetime.timezone.utc).timestamp() * 1000)
+
+
+def test_last_heartbeat_follows_the_owner(t):
+    """last_heartbeat is not written per session every few seconds: through
+    every instance a running server's last_heartbeat is its owner's last
+    sign of life (seen once a second), so it stays within seconds of now
+    with the periodic flush pushed out to 10 minutes. When the agents go,
+    the release writes the time each was last heard."""
+    url, db, redis = t.fresh_vhost(), t.fresh_db(), t.fresh_redis()
+    t.cleanup(t.stack.dns_set)
+    addrs = ["127.0.0.2", "127.0.0.3"]
+    port = harness.common_port(addrs)
+    cfg = {"session": {"flush_ms": 600000}}
+    ds = [t.cnapid(name="cnapi-%d" % (i + 1), address=addrs[i], port=port, amqp_url=url,
+                   pg_conninfo=db, redis_url=redis, config=cfg) for i in range(2)]
+    _dns(t, addrs)
+    n = 20
+    m = _mockcloud(t, url, port, n, "5e55000b")
+    uuids = m.uuids()
+    _connected(m, n, [d.name for d in ds])
+    _wait_all_running(ds, uuids)
+
+    def views(d):
+        st, _h, body = d.get("/servers?limit=1000&extras=memory")  # any extra shows it
+        assert st == 200, (st, body)
+        return {s["uuid"]: s for s in body if s["uuid"] in uuids}
+
+    def fresh_everywhere(since_ms):
+        now = time.time() * 1000
+        for d in ds:
+            for u, v in views(d).items():
+                hb = _hb_ms(v)
+                if v["status"] != "running" or hb is None or hb < since_ms or hb > now + 1000:
+                    raise AssertionError("%s via %s: %s, last_heartbeat %s (%s ms from now)" % (
+                        u, d.name, v["status"], v.get("last_heartbeat"),
+                        None if hb is None else hb - now))
+        return True
+    # twice, 3 s apart: it moves on (well past the claims' own writes)
+    for _ in range(2):
+        since = time.time() * 1000
+        harness.wait_until(lambda: fresh_everywhere(since), timeout=10, interval=0.2,
+                           desc="last_heartbeat past %d on both instances" % since)
+        t0 = time.monotonic()
+        harness.wait_until(lambda: time.monotonic() - t0 >= 3.0, timeout=5, interval=0.1,
+                           desc="3 s")
+    for d in ds:
+        a = _sessions_actor(d)
+        assert a["flush_rows"] == 0, a          # nothing written per session
+    for d in ds:
+        for u in uuids[:3]:
+            st, _h, v = d.get("/servers/%s" % u)
+            assert st == 200 and abs(_hb_ms(v) - time.time() * 1000) < 3000, v
+
+    # the agents go (closed): released after the close grace, each row
+    # with the time its agent was last heard
+    stopped_ms = time.time() * 1000
+    m.stop()
+    harness.wait_until(lambda: all(v["status"] == "unknown" for d in ds
+                                   for v in views(d).values()) or None,
+                       timeout=20, interval=0.2, desc="all unknown after the agents left")
+    rows = _status_rows(db)
+    for u in uuids:
+        v = rows[u]
+        assert v["status"] == "unknown" and v["owner"] is None, v
+        hb = _hb_ms(v)
+        assert hb is not None and stopped_ms - 3000 <= hb <= stopped_ms + 1000, (v, stopped_ms)
+    for d in ds:
+        for v in views(d).values():
+            assert _hb_ms(v) <= stopped_ms + 1000, v
+
+
 def test_kill9_failover_never_unknown(t):
     """kill -9 twice (once with the dead address still in DNS, once after
     the name dropped it) while every server's status is read through every

@@ -338,9 +338,58 @@ test_server_status (void)
     cn_liveness_destroy (&t);
 }
 
+/* An owner's vouch moves its running rows' last_heartbeat forward (as the
+ * API reads it), and nothing else's. */
+static void
+test_vouch (void)
+{
+    json_t *rec = json_pack ("{s:s,s:I}", "uuid", U1, "last_sysinfo", (json_int_t) 1000);
+    cn_liveness_t *t = cn_liveness_new ();
+    cn_status_row_t r = s_row (U1, true, "a", 1, 1), got;
+    int64_t stored = r.last_heartbeat_ms;
+    cn_liveness_put (t, &r);
+    CHECK_INT (cn_liveness_vouched (t, "a", U2), 0);
+    /* another owner, another incarnation of the same owner: no effect */
+    cn_liveness_vouch (t, "b", U2, stored + 5000);
+    cn_liveness_vouch (t, "a", U1, stored + 5000);
+    CHECK_INT (s_last_heartbeat (rec, t), stored);
+    /* an older vouch than the stored time: the stored time */
+    cn_liveness_vouch (t, "a", U2, stored - 5000);
+    CHECK_INT (s_last_heartbeat (rec, t), stored);
+    cn_liveness_vouch (t, "a", U2, stored + 7000);
+    CHECK_INT (s_last_heartbeat (rec, t), stored + 7000);
+    CHECK (cn_liveness_get_seen (t, U1, &got));
+    CHECK_INT (got.last_heartbeat_ms, stored + 7000);
+    /* the raw row is left as stored */
+    CHECK (cn_liveness_get (t, U1, &got));
+    CHECK_INT (got.last_heartbeat_ms, stored);
+    /* vouches only move forward */
+    cn_liveness_vouch (t, "a", U2, stored + 6000);
+    CHECK_INT (cn_liveness_vouched (t, "a", U2), stored + 7000);
+    /* a released row (unknown, no owner) keeps its own time */
+    r = s_row (U1, false, NULL, 1, 2);
+    cn_liveness_put (t, &r);
+    CHECK_INT (s_last_heartbeat (rec, t), stored);
+    CHECK (!cn_liveness_get_seen (t, U2, &got));
+    /* full: the incarnation seen longest ago makes room */
+    for (int i = 0; i < CN_LIVENESS_VOUCH_MAX + 4; i++) {
+        char name[16];
+        snprintf (name, sizeof name, "n%d", i);
+        cn_liveness_vouch (t, name, U2, stored + 10000 + i);
+    }
+    CHECK_INT (cn_liveness_vouched (t, "a", U2), 0);
+    CHECK_INT (cn_liveness_vouched (t, "n0", U2), 0);
+    CHECK_INT (cn_liveness_vouched (t, "n3", U2), 0);
+    CHECK_INT (cn_liveness_vouched (t, "n4", U2), stored + 10004);
+    CHECK_INT (cn_liveness_vouched (t, "n67", U2), stored + 10067);
+    json_decref (rec);
+    cn_liveness_destroy (&t);
+}
+
 int
 main (void)
 {
+    RUN (test_vouch);
     RUN (test_row_codec);
     RUN (test_row_format_as_jansson);
     RUN (test_table_owners);
