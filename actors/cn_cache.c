@@ -19,6 +19,8 @@ typedef struct {
     const cn_config_t *cfg;
     cn_cache_stats_t *stats;
     zsock_t *pipe;            /* to the writer: "cache_done" */
+    uint64_t done;            /* highest seq applied */
+    uint64_t told;            /* highest seq the writer was sent */
     zsock_t *pull;
     cn_redis_t *redis;
     zhashx_t *dirty;          /* uuids whose cache update failed */
@@ -123,6 +125,26 @@ s_apply (self_t *self, zframe_t *frame)
     return seq;
 }
 
+/* Tell the writer how far Redis has been brought (written or, when it
+ * failed, remembered as dirty): the HTTP writes it holds up to there can be
+ * answered. Never blocks: while the writer is busy (and perhaps blocked
+ * sending to us) the pipe may be full; the seq is cumulative, so the next
+ * pull or tick says it again. */
+static void
+s_tell (self_t *self)
+{
+    if (self->done <= self->told)
+        return;
+    cn_msgw_t w;
+    cn_msgw_init (&w, "cache_done", 1);
+    cn_msgw_uint (&w, "seq", self->done);
+    zframe_t *f = cn_msgw_frame (&w);
+    if (zframe_send (&f, self->pipe, ZFRAME_DONTWAIT) == 0)
+        self->told = self->done;
+    else
+        zframe_destroy (&f);
+}
+
 static int
 s_on_pull (zloop_t *loop, zsock_t *pull, void *arg)
 {
@@ -138,16 +160,9 @@ s_on_pull (zloop_t *loop, zsock_t *pull, void *arg)
         zframe_destroy (&f);
         atomic_fetch_sub (&self->stats->queued, 1);
     }
-    /* Tell the writer how far Redis has been brought (written or, when it
-     * failed, remembered as dirty): the HTTP writes it holds up to there can
-     * be answered. */
-    if (done) {
-        cn_msgw_t w;
-        cn_msgw_init (&w, "cache_done", 1);
-        cn_msgw_uint (&w, "seq", done);
-        zframe_t *f = cn_msgw_frame (&w);
-        zframe_send (&f, self->pipe, 0);
-    }
+    if (done > self->done)
+        self->done = done;
+    s_tell (self);
     s_maintenance (self);
     return 0;
 }
@@ -156,6 +171,7 @@ static int
 s_on_tick (zloop_t *loop, int timer_id, void *arg)
 {
     self_t *self = arg;
+    s_tell (self);
     s_maintenance (self);
     bool up = cn_redis_ok (self->redis);
     if (up) {

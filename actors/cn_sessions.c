@@ -116,6 +116,7 @@ typedef struct {
     bool stopped;
     int64_t id;                 /* the row's _id when we last saw it change */
     int64_t changed_ms;         /* our clock when it last changed */
+    int64_t last_seen_ms;       /* its own clock, from the row */
     bool seen;                  /* in the last read */
 } inst_t;
 
@@ -644,7 +645,7 @@ s_owned_remove (self_t *self, owned_t *o)
 }
 
 static bool s_alive (self_t *self, const char *owner, const char *boot, const char *redis_val,
-                     bool redis_ok, int64_t now);
+                     bool redis_ok, int64_t now, int64_t *seen);
 static void s_duplicate (self_t *self, uint64_t sid, const char *uuid, const char *remote,
                          const char *agent_boot, const char *holder);
 
@@ -673,7 +674,8 @@ s_held_by_another_agent (self_t *self, const owned_t *o, const cn_status_row_t *
                 return alive;
         }
     }
-    return s_alive (self, old->owner, old->owner_boot, NULL, false, now);
+    int64_t seen;
+    return s_alive (self, old->owner, old->owner_boot, NULL, false, now, &seen);
 }
 
 static void
@@ -1406,6 +1408,8 @@ s_collect_instance (const cn_mobj_t *obj, void *arg)
             i->changed_ms = now;
         }
         snprintf (i->boot_id, sizeof i->boot_id, "%s", boot);
+        json_t *ls = json_object_get (o, "last_seen_ms");
+        i->last_seen_ms = json_is_integer (ls) ? json_integer_value (ls) : 0;
         i->stopped = json_is_true (json_object_get (o, "stopped"));
         i->seen = true;
     }
@@ -1414,20 +1418,31 @@ s_collect_instance (const cn_mobj_t *obj, void *arg)
 }
 
 /* Is (owner, boot) alive? redis_val: its Redis key's value, NULL when
- * absent; redis_ok false when Redis could not be asked. */
+ * absent; redis_ok false when Redis could not be asked. *seen: when it was
+ * last known alive, for last_heartbeat (now for ourselves or a live Redis
+ * key; the instance row's own last_seen_ms otherwise: a row we only just
+ * came across is given the benefit of the doubt for dead_after_ms, but not
+ * a made-up time). */
 static bool
 s_alive (self_t *self, const char *owner, const char *boot, const char *redis_val,
-         bool redis_ok, int64_t now)
+         bool redis_ok, int64_t now, int64_t *seen)
 {
+    *seen = 0;
     if (strcmp (owner, self->cfg->instance) == 0
-        && (!boot[0] || strcmp (boot, self->args->boot_id) == 0))
+        && (!boot[0] || strcmp (boot, self->args->boot_id) == 0)) {
+        *seen = now;
         return true;
-    if (redis_ok && redis_val && (!boot[0] || strcmp (redis_val, boot) == 0))
+    }
+    if (redis_ok && redis_val && (!boot[0] || strcmp (redis_val, boot) == 0)) {
+        *seen = now;
         return true;
+    }
     inst_t *i = zhashx_lookup (self->instances, owner);
     if (i && !i->stopped && (!boot[0] || strcmp (i->boot_id, boot) == 0)
-        && now - i->changed_ms <= self->cfg->session_dead_after_ms)
+        && now - i->changed_ms <= self->cfg->session_dead_after_ms) {
+        *seen = i->last_seen_ms < now ? i->last_seen_ms : now;
         return true;
+    }
     return false;
 }
 
@@ -1602,9 +1617,11 @@ s_sweep (self_t *self)
         char key[128];
         snprintf (key, sizeof key, "%s %s", names[i], boots[i]);
         int64_t *since = zhashx_lookup (self->dead_since, key);
-        if (s_alive (self, names[i], boots[i], vals[i], redis_ok, now)) {
+        int64_t seen = 0;
+        if (s_alive (self, names[i], boots[i], vals[i], redis_ok, now, &seen)) {
             /* its running rows' agents were heard within dead_after_ms */
-            cn_liveness_vouch (self->live, names[i], boots[i], now);
+            if (seen > 0)
+                cn_liveness_vouch (self->live, names[i], boots[i], seen);
             if (since)
                 zhashx_delete (self->dead_since, key);
             continue;

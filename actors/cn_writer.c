@@ -234,19 +234,20 @@ static int
 s_on_cache (zloop_t *loop, zsock_t *sock, void *arg)
 {
     self_t *self = arg;
-    zframe_t *f = zframe_recv (sock);
-    if (!f)
-        return 0;
-    cn_msg_t m;
-    char err[128];
-    if (cn_msg_parse (&m, zframe_data (f), zframe_size (f), err, sizeof err) == 0) {
-        uint64_t seq = 0;
-        if (cn_msg_is (&m, "cache_done") && cn_msg_uint (&m, "seq", &seq)
-            && seq > self->cache_done)
-            self->cache_done = seq;
-        cn_msg_fini (&m);
+    /* everything waiting: seqs are cumulative, the highest is enough */
+    zframe_t *f;
+    while ((f = zframe_recv_nowait (sock)) != NULL) {
+        cn_msg_t m;
+        char err[128];
+        if (cn_msg_parse (&m, zframe_data (f), zframe_size (f), err, sizeof err) == 0) {
+            uint64_t seq = 0;
+            if (cn_msg_is (&m, "cache_done") && cn_msg_uint (&m, "seq", &seq)
+                && seq > self->cache_done)
+                self->cache_done = seq;
+            cn_msg_fini (&m);
+        }
+        zframe_destroy (&f);
     }
-    zframe_destroy (&f);
     s_held_release (self, self->cache_done);
     return 0;
 }
@@ -887,6 +888,12 @@ s_process_batch (self_t *self, s_req_t **reqs, size_t n)
         CN_WARN (COMPONENT, "store unreachable; will retry", "{s:s,s:i}", "error", why ? why : "",
                  "requests", (int) n);
     for (size_t i = 0; i < n; i++) {
+        if (reqs[i]->from_http && run == RUN_ERROR && n > 1) {
+            /* failed for a reason other than reachability, maybe another
+             * request's: an HTTP request is run again alone, at once */
+            s_process_batch (self, &reqs[i], 1);
+            continue;
+        }
         if (reqs[i]->from_http || run == RUN_ERROR) {
             /* HTTP callers are never held; a batch that fails for a reason
              * other than reachability is retried one request at a time so one

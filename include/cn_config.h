@@ -46,7 +46,7 @@ typedef struct {
     /* agent sessions (docs/sessions.md) */
     int   session_heartbeat_ms;   /* 1000: hb to each agent this often */
     int   session_dead_after_ms;  /* 2500: silence that ends a session */
-    int   session_flush_ms;       /* 5000: batched last_heartbeat writes */
+    int   session_flush_ms;       /* 30000: batched last_heartbeat writes */
     int   session_owner_grace_ms; /* 5000: a dead instance's servers go unknown
                                      after this, unless their agents came back */
     int   session_close_grace_ms; /* 500: a closed session is released after this,

@@ -860,7 +860,10 @@ cn_server_status_of (const cn_status_inputs_t *in, int64_t now_ms, int freshness
 {
     cn_status_row_t row;
     bool running;
-    if (live && in->uuid[0] && cn_liveness_get_seen (live, in->uuid, &row)) {
+    /* (the owner's vouch only matters for last_heartbeat) */
+    if (live && in->uuid[0]
+        && (hb ? cn_liveness_get_seen (live, in->uuid, &row)
+               : cn_liveness_get (live, in->uuid, &row))) {
         running = row.running;
         if (hb)
             *hb = row.last_heartbeat_ms > 0 ? row.last_heartbeat_ms : 0;
