@@ -364,20 +364,6 @@ cn_liveness_del (cn_liveness_t *t, const char *uuid)
     pthread_rwlock_unlock (&t->lock);
 }
 
-bool
-cn_liveness_get (const cn_liveness_t *ct, const char *uuid, cn_status_row_t *out)
-{
-    if (!ct || !uuid)
-        return false;
-    cn_liveness_t *t = (cn_liveness_t *) ct;
-    pthread_rwlock_rdlock (&t->lock);
-    node_t *n = s_find (t, uuid);
-    if (n)
-        *out = n->row;
-    pthread_rwlock_unlock (&t->lock);
-    return n != NULL;
-}
-
 /* The vouch for (owner, boot), or NULL. Under the lock. */
 static const vouch_t *
 s_vouch_find (const cn_liveness_t *t, const char *owner, const char *owner_boot)
@@ -389,8 +375,9 @@ s_vouch_find (const cn_liveness_t *t, const char *owner, const char *owner_boot)
     return NULL;
 }
 
-bool
-cn_liveness_get_seen (const cn_liveness_t *ct, const char *uuid, cn_status_row_t *out)
+/* uuid's row into *out; seen: with its owner's vouch applied */
+static bool
+s_get (const cn_liveness_t *ct, const char *uuid, cn_status_row_t *out, bool seen)
 {
     if (!ct || !uuid)
         return false;
@@ -399,7 +386,7 @@ cn_liveness_get_seen (const cn_liveness_t *ct, const char *uuid, cn_status_row_t
     node_t *n = s_find (t, uuid);
     if (n) {
         *out = n->row;
-        if (out->running && out->owner[0]) {
+        if (seen && out->running && out->owner[0]) {
             const vouch_t *v = s_vouch_find (t, out->owner, out->owner_boot);
             if (v && v->ms > out->last_heartbeat_ms)
                 out->last_heartbeat_ms = v->ms;
@@ -407,6 +394,18 @@ cn_liveness_get_seen (const cn_liveness_t *ct, const char *uuid, cn_status_row_t
     }
     pthread_rwlock_unlock (&t->lock);
     return n != NULL;
+}
+
+bool
+cn_liveness_get (const cn_liveness_t *t, const char *uuid, cn_status_row_t *out)
+{
+    return s_get (t, uuid, out, false);
+}
+
+bool
+cn_liveness_get_seen (const cn_liveness_t *t, const char *uuid, cn_status_row_t *out)
+{
+    return s_get (t, uuid, out, true);
 }
 
 void

@@ -203,6 +203,16 @@ class Stack:
                            socket_timeout=5, socket_connect_timeout=5)
 
 
+def actors(d):
+    """Every actor's STATUS from d's admin socket (cnapictl -j actors)."""
+    import json
+    import subprocess
+    out = subprocess.run([str(build_dir() / "cnapictl"), "-e", d.admin_endpoint, "-j",
+                          "actors"], capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
 def conninfo_with(conninfo, **kw):
     """Return a libpq key=value conninfo with some keys replaced."""
     parts = {}

@@ -9,7 +9,6 @@ setup must still hold after them; the tests that write come last.
 
 import http.client
 import json
-import os
 import re
 import socket
 import subprocess
@@ -451,15 +450,8 @@ def test_write_answered_after_the_cache(t):
         assert d2.get("/servers/%s" % u).body["comments"] == want
         assert json.loads(rc.hget("cnapi:server:%s" % u, "j"))["comments"] == want
         t.log("write answered %.0f ms into a %d ms pause" % (held * 1000, pause_ms))
-    assert sum(w.get("http_held_total", 0) for k, w in _actors(d1).items()
+    assert sum(w.get("http_held_total", 0) for k, w in harness.actors(d1).items()
                if k.startswith("writer-")) >= 2
-
-
-def _actors(d):
-    out = subprocess.run([str(harness.build_dir() / "cnapictl"), "-e", d.admin_endpoint, "-j",
-                          "actors"], capture_output=True, text=True, timeout=10)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
 
 
 def test_near_cache_off_without_redis(t):

@@ -4,9 +4,7 @@ request goes to the other instance than the one before, so replies must find
 the instance that asked. Real RabbitMQ, PostgreSQL and Redis from the stack."""
 
 import itertools
-import json
 import os
-import subprocess
 import threading
 import time
 import uuid as uuidlib
@@ -230,16 +228,9 @@ def test_many_at_once(t):
     t.log("24 executes of 1 s each in %.1f s" % dt)
 
 
-def _actors(d):
-    out = subprocess.run([str(harness.build_dir() / "cnapictl"), "-e", d.admin_endpoint, "-j",
-                          "actors"], capture_output=True, text=True, timeout=10)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
-
-
 def test_status(t):
     for d in t.ctx.ds:
-        a = _actors(d)
+        a = harness.actors(d)
         ur = a["ur"]
         t.log("%s ur: %s" % (d.name, ur))
         assert ur["connected"] is True and ur["queue"].startswith("cnapi-ur.%s." % d.name), ur
@@ -258,7 +249,7 @@ def test_broker_down_fails_pending_with_503(t):
         "POST", "/servers/%s/execute" % t.ctx.uuids[0],
         body={"script": "sleep 60", "timeout": 90}, timeout=120)))
     th.start()
-    harness.wait_until(lambda: _actors(d)["ur"]["pending"] == 1, timeout=10,
+    harness.wait_until(lambda: harness.actors(d)["ur"]["pending"] == 1, timeout=10,
                        desc="the execute pending")
     t.stack.stop_service("rabbitmq")
     try:
@@ -271,7 +262,7 @@ def test_broker_down_fails_pending_with_503(t):
     finally:
         t.stack.start_service("rabbitmq")
     for dd in t.ctx.ds:
-        harness.wait_until(lambda: _actors(dd)["ur"]["connected"], timeout=60,
+        harness.wait_until(lambda: harness.actors(dd)["ur"]["connected"], timeout=60,
                            desc="%s ur reconnected" % dd.name)
     t.ctx.mc.wait_stats(lambda s: s["ur"]["ready"], timeout=60, desc="agent ur reconnected")
     for dd in t.ctx.ds:

@@ -6,7 +6,6 @@ import json
 import subprocess
 import threading
 import time
-import uuid as uuidlib
 
 import harness
 
@@ -69,13 +68,6 @@ def _all_latest(d, prefix, servers, seq):
     return True
 
 
-def _actors(d):
-    out = subprocess.run([str(harness.build_dir() / "cnapictl"), "-e", d.admin_endpoint, "-j",
-                          "actors"], capture_output=True, text=True, timeout=10)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
-
-
 def _writers(a):
     """The writer shards' STATUS (writer-0, writer-1, ...), in shard order."""
     return [a[k] for k in sorted(k for k in a if k.startswith("writer-"))]
@@ -130,7 +122,7 @@ def test_three_instances_share_the_queue(t):
                            desc="every server at its latest sysinfo through %s" % d.name)
     shares = []
     for d in ds:
-        a = _actors(d)
+        a = harness.actors(d)
         shares.append(a["listener"]["acked"])
         assert a["listener"]["rejected"] == 0, a["listener"]
         # every shard of every instance wrote its servers' share
@@ -157,7 +149,7 @@ def test_kill9_mid_stream_loses_nothing(t):
     pub = threading.Thread(target=_publish, args=(url, prefix, 600, 3))
     pub.start()
     # kill one instance once it has written something, while publishing goes on
-    harness.wait_until(lambda: _writer(_actors(ds[0]))["rows_written"] > 0, timeout=60,
+    harness.wait_until(lambda: _writer(harness.actors(ds[0]))["rows_written"] > 0, timeout=60,
                        desc="cnapi-1 writing")
     ds[0].kill9()
     pub.join(timeout=120)
@@ -197,7 +189,7 @@ def test_postgres_then_rabbitmq_restart_mid_stream(t):
     for d in ds:
         harness.wait_until(lambda: _all_latest(d, prefix, 300, 4), timeout=120,
                            desc="recovered after the RabbitMQ restart via %s" % d.name)
-        harness.wait_until(lambda: _actors(d)["listener"]["connection"] == "connected",
+        harness.wait_until(lambda: harness.actors(d)["listener"]["connection"] == "connected",
                            timeout=30, desc="%s's listener reconnected" % d.name)
     assert all(d.running() for d in ds)
 
@@ -259,7 +251,7 @@ def test_bad_sysinfo_is_rejected_and_nothing_written(t):
         ("ur.sysinfo.not-a-uuid.9", text.encode()),                          # bad key
     ]
     harness.amqp_publish_sysinfo(url, bad)
-    harness.wait_until(lambda: _actors(d)["listener"]["rejected"] >= len(bad), timeout=30,
+    harness.wait_until(lambda: harness.actors(d)["listener"]["rejected"] >= len(bad), timeout=30,
                        desc="every bad message rejected")
     # a good message after them still goes through: the consumer did not stop
     harness.amqp_publish_sysinfo(url, [("ur.sysinfo.%s.10" % good, text.encode(),
@@ -291,14 +283,14 @@ def test_redelivered_sysinfo_is_harmless(t):
             cur.execute("SELECT _id, _etag, _mtime FROM cnapi_servers WHERE _key = %s", (u,))
             before = cur.fetchone()
         harness.amqp_publish_sysinfo(url, [("ur.sysinfo.%s.1" % u, si, {"sent_ms": sent})] * 3)
-        harness.wait_until(lambda: _writer(_actors(d))["unchanged"] >= 3, timeout=30)
+        harness.wait_until(lambda: _writer(harness.actors(d))["unchanged"] >= 3, timeout=30)
         with c.cursor() as cur:
             cur.execute("SELECT _id, _etag, _mtime FROM cnapi_servers WHERE _key = %s", (u,))
             assert cur.fetchone() == before, "the same sysinfo again wrote nothing"
         # an older sysinfo arriving late is ignored
         old = dict(si, Hostname="cn-older")
         harness.amqp_publish_sysinfo(url, [("ur.sysinfo.%s.0" % u, old, {"sent_ms": sent - 5000})])
-        harness.wait_until(lambda: _writer(_actors(d))["stale"] >= 1, timeout=30)
+        harness.wait_until(lambda: _writer(harness.actors(d))["stale"] >= 1, timeout=30)
         assert d.get("/servers/" + u)[2]["hostname"] == "cn-same"
     finally:
         c.close()
