@@ -156,5 +156,11 @@ print("   cnapid threads (ticks): %s" % threads.strip())
 print("   postgres (stack): %.2f%%, redis: %.2f%%, mockcloud: %.2f%%"
       % (core(st1[0] - st0[0]), core(st1[1] - st0[1]), core(mc1 - mc0)))
 print("   last flush: %s ms; hb sent %s, frames in %s" % (ca[5], ca[7], ca[8]))
+# The same agents cost mockcloud the same work every run: its CPU tells how
+# fast the machine was (docs/benchmarks.md, "Sixth round"). On a quiet
+# machine of this kind it is ~8.5 us per agent-second (12.6-13.1% at 15,000).
+mc_us = (mc1 - mc0) / hz / secs / n * 1e6
+print("   machine yardstick: mockcloud %.2f us per agent-second (quiet machine ~8.5)%s"
+      % (mc_us, "" if mc_us < 9.5 else ": SLOW, compare builds side by side only"))
 EOF
 if [ -s "$STATE/perf.top" ]; then echo "== perf (cnapid, 10 s, top symbols)"; sed 's/^/   /' "$STATE/perf.top"; fi
