@@ -149,19 +149,16 @@ static int
 s_on_pull (zloop_t *loop, zsock_t *pull, void *arg)
 {
     self_t *self = arg;
-    uint64_t done = 0;
     for (int i = 0; i < 64; i++) {
         zframe_t *f = zframe_recv_nowait (pull);
         if (!f)
             break;
         uint64_t seq = s_apply (self, f);
-        if (seq > done)
-            done = seq;
+        if (seq > self->done)
+            self->done = seq;
         zframe_destroy (&f);
         atomic_fetch_sub (&self->stats->queued, 1);
     }
-    if (done > self->done)
-        self->done = done;
     s_tell (self);
     s_maintenance (self);
     return 0;

@@ -78,6 +78,7 @@
 #define LINGER_MS 1000              /* CLOSING: wait this long for the peer */
 #define EP_EVENTS 256               /* sessions' epoll: events per epoll_wait */
 #define READ_CHUNK 65536            /* bytes per read (one buffer for all sessions) */
+#define SESS_EVENTS (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)   /* a session's epoll events */
 
 enum { S_HELLO, S_CLAIM, S_OWNED, S_CLOSING };
 
@@ -256,8 +257,7 @@ s_close_socket (sess_t *s)
     }
     if (!h2o_timeout_is_linked (&hub->reap_entry))
         h2o_timeout_link (hub->loop, &hub->reap_to, &hub->reap_entry);
-    if (s->state != S_CLOSING)
-        s->state = S_CLOSING;   /* nothing more is parsed or sent */
+    s->state = S_CLOSING;       /* nothing more is parsed or sent */
     if (h2o_timeout_is_linked (&s->beat))
         h2o_timeout_unlink (&s->beat);
     if (h2o_timeout_is_linked (&s->dead))
@@ -893,8 +893,7 @@ s_on_ready (cn_hub_t *hub, sess_t *s, uint32_t ev)
             /* 4 MiB in one go: let the others have their turn. The edge is
              * spent, so ask epoll to report the socket again if it still
              * has bytes (or an end of file) for us. */
-            struct epoll_event again = { .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
-                                         .data.ptr = s };
+            struct epoll_event again = { .events = SESS_EVENTS, .data.ptr = s };
             (void) epoll_ctl (hub->ep, EPOLL_CTL_MOD, s->fd, &again);
         }
     }
@@ -1071,7 +1070,7 @@ s_on_upgraded (void *user_data, h2o_socket_t *sock, size_t reqsize)
         return;
     }
     s->fd = info.fd;
-    struct epoll_event ev = { .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = s };
+    struct epoll_event ev = { .events = SESS_EVENTS, .data.ptr = s };
     if (epoll_ctl (hub->ep, EPOLL_CTL_ADD, s->fd, &ev) != 0) {
         CN_ERROR (COMPONENT, "cannot watch a session socket", "{s:s,s:s}", "server_uuid",
                   s->uuid, "error", strerror (errno));
@@ -1188,8 +1187,6 @@ cn_hub_count (cn_hub_t *hub)
 {
     return hub->count;
 }
-
-
 
 h2o_multithread_receiver_t *
 cn_hub_receiver (cn_hub_t *hub)

@@ -1574,32 +1574,15 @@ s_sweep (self_t *self)
         self->nowners = cn_liveness_owners (self->live, &self->owners);
         self->owners_gen = gen;     /* read before the walk: a change meanwhile walks again */
     }
-    const cn_owner_t *rows = self->owners;
-    size_t n = self->nowners;
-    zhashx_t *owners = zhashx_new ();       /* "name boot" -> index + 1 */
-    for (size_t i = 0; i < n; i++) {
-        char key[128];
-        snprintf (key, sizeof key, "%s %s", rows[i].owner, rows[i].owner_boot);
-        if (!zhashx_lookup (owners, key))
-            zhashx_insert (owners, key, (void *) (uintptr_t) (i + 1));
-    }
+    const cn_owner_t *own = self->owners;   /* distinct pairs */
+    size_t no = self->nowners;
     /* their Redis keys, in one round trip */
-    size_t no = zhashx_size (owners);
-    const char **names = calloc (no ? no : 1, sizeof *names);
-    const char **boots = calloc (no ? no : 1, sizeof *boots);
     char **vals = calloc (no ? no : 1, sizeof *vals);
-    size_t j = 0;
-    for (void *p = zhashx_first (owners); p; p = zhashx_next (owners)) {
-        size_t i = (uintptr_t) p - 1;
-        names[j] = rows[i].owner;
-        boots[j] = rows[i].owner_boot;
-        j++;
-    }
     bool redis_ok = false;
     if (no && cn_redis_ok (self->redis)) {
         redisContext *ctx = cn_redis_ctx (self->redis);
         for (size_t i = 0; i < no; i++)
-            redisAppendCommand (ctx, "GET %s%s", CN_INSTANCE_KEY_PREFIX, names[i]);
+            redisAppendCommand (ctx, "GET %s%s", CN_INSTANCE_KEY_PREFIX, own[i].owner);
         redis_ok = true;
         for (size_t i = 0; i < no; i++) {
             redisReply *r = NULL;
@@ -1613,15 +1596,18 @@ s_sweep (self_t *self)
             freeReplyObject (r);
         }
     }
+    zhashx_t *present = zhashx_new ();      /* "name boot" of every incarnation */
     for (size_t i = 0; i < no; i++) {
+        const char *name = own[i].owner, *boot = own[i].owner_boot;
         char key[128];
-        snprintf (key, sizeof key, "%s %s", names[i], boots[i]);
+        snprintf (key, sizeof key, "%s %s", name, boot);
+        zhashx_insert (present, key, (void *) 1);
         int64_t *since = zhashx_lookup (self->dead_since, key);
         int64_t seen = 0;
-        if (s_alive (self, names[i], boots[i], vals[i], redis_ok, now, &seen)) {
+        if (s_alive (self, name, boot, vals[i], redis_ok, now, &seen)) {
             /* its running rows' agents were heard within dead_after_ms */
             if (seen > 0)
-                cn_liveness_vouch (self->live, names[i], boots[i], seen);
+                cn_liveness_vouch (self->live, name, boot, seen);
             if (since)
                 zhashx_delete (self->dead_since, key);
             continue;
@@ -1633,24 +1619,22 @@ s_sweep (self_t *self)
             *since = now;
             zhashx_insert (self->dead_since, key, since);
             CN_INFO (COMPONENT, "instance looks dead; its servers go unknown after the grace "
-                     "unless their agents come back", "{s:s,s:s,s:i}", "owner", names[i],
-                     "owner_boot", boots[i], "grace_ms", self->cfg->session_owner_grace_ms);
+                     "unless their agents come back", "{s:s,s:s,s:i}", "owner", name,
+                     "owner_boot", boot, "grace_ms", self->cfg->session_owner_grace_ms);
         }
         if (now - *since >= self->cfg->session_owner_grace_ms)
-            s_mark_unknown (self, names[i], boots[i]);
+            s_mark_unknown (self, name, boot);
     }
     /* forget incarnations that own nothing running any more */
     zlistx_t *keys = zhashx_keys (self->dead_since);
     for (char *k = zlistx_first (keys); k; k = zlistx_next (keys))
-        if (!zhashx_lookup (owners, k))
+        if (!zhashx_lookup (present, k))
             zhashx_delete (self->dead_since, k);
     zlistx_destroy (&keys);
     for (size_t i = 0; i < no; i++)
         free (vals[i]);
     free (vals);
-    free (names);
-    free (boots);
-    zhashx_destroy (&owners);
+    zhashx_destroy (&present);
 }
 
 /* ------------------------------------------------------------------ */

@@ -185,6 +185,18 @@ s_reply (self_t *self, s_req_t *req, const s_res_t *res)
     zframe_send (&body, self->router, 0);
 }
 
+static void s_req_destroy (s_req_t **p);
+
+/* Answer *reqp and be done with it: the request and res->errors are freed. */
+static void
+s_finish (self_t *self, s_req_t **reqp, s_res_t *res)
+{
+    s_reply (self, *reqp, res);
+    json_decref (res->errors);
+    res->errors = NULL;
+    s_req_destroy (reqp);
+}
+
 /* An HTTP write's answer held until Redis has every record committed
  * before it (s_answer_http): a read right after the answer, on any
  * instance, must not find the previous version in the shared cache. */
@@ -194,17 +206,13 @@ typedef struct {
     s_res_t res;
 } s_held_t;
 
-static void s_req_destroy (s_req_t **p);
-
 static void
 s_held_release (self_t *self, uint64_t upto)
 {
     s_held_t *h;
     while ((h = zlistx_first (self->held)) && h->seq <= upto) {
         zlistx_detach (self->held, NULL);
-        s_reply (self, h->req, &h->res);
-        json_decref (h->res.errors);
-        s_req_destroy (&h->req);
+        s_finish (self, &h->req, &h->res);
         free (h);
     }
 }
@@ -214,9 +222,7 @@ static void
 s_answer_http (self_t *self, s_req_t **reqp, s_res_t *res)
 {
     if (self->cache_done >= self->cache_sent) {
-        s_reply (self, *reqp, res);
-        json_decref (res->errors);
-        s_req_destroy (reqp);
+        s_finish (self, reqp, res);
         return;
     }
     s_held_t *h = malloc (sizeof *h);
@@ -373,8 +379,7 @@ s_decode (self_t *self, zframe_t *identity, zframe_t *frame)
         self->rejected++;
         CN_WARN (COMPONENT, "request rejected", "{s:s,s:s}", "reason", res.message,
                  "server_uuid", req->uuid);
-        s_reply (self, req, &res);
-        s_req_destroy (&req);
+        s_finish (self, &req, &res);
     }
     return req;
 }
@@ -832,8 +837,7 @@ s_answer_stale_events (self_t *self, s_req_t **reqs, size_t n)
             s_res_t res = { .ok = true, .status = 200, .outcome = "stale" };
             self->stale++;
             self->stale_from_memory++;
-            s_reply (self, req, &res);
-            s_req_destroy (&reqs[i]);
+            s_finish (self, &reqs[i], &res);
             continue;
         }
         reqs[kept++] = req;
@@ -875,9 +879,7 @@ s_process_batch (self_t *self, s_req_t **reqs, size_t n)
                 s_answer_http (self, &reqs[i], &res[i]);
                 continue;
             }
-            s_reply (self, reqs[i], &res[i]);
-            json_decref (res[i].errors);
-            s_req_destroy (&reqs[i]);
+            s_finish (self, &reqs[i], &res[i]);
         }
         free (res);
         return;
@@ -910,8 +912,7 @@ s_process_batch (self_t *self, s_req_t **reqs, size_t n)
                 self->rejected++;
             else
                 self->requests_failed_fast++;
-            s_reply (self, reqs[i], &r);
-            s_req_destroy (&reqs[i]);
+            s_finish (self, &reqs[i], &r);
         }
         else
             zlistx_add_end (self->retry, reqs[i]);

@@ -195,10 +195,16 @@ typedef struct node {
 } node_t;
 
 typedef struct {
-    char owner[64];
-    char owner_boot[37];
+    cn_owner_t who;
     int64_t ms;
 } vouch_t;
+
+/* The same owner incarnation (name and boot id)? */
+static bool
+s_same_owner (const char *owner, const char *boot, const char *owner2, const char *boot2)
+{
+    return strcmp (owner, owner2) == 0 && strcmp (boot, boot2) == 0;
+}
 
 struct cn_liveness {
     pthread_rwlock_t lock;
@@ -298,8 +304,8 @@ s_put (cn_liveness_t *t, const cn_status_row_t *r)
             return false;
         if (n->row.running)
             t->running--;
-        if (n->row.running != r->running || strcmp (n->row.owner, r->owner) != 0
-            || strcmp (n->row.owner_boot, r->owner_boot) != 0)
+        if (n->row.running != r->running
+            || !s_same_owner (n->row.owner, n->row.owner_boot, r->owner, r->owner_boot))
             t->owners_gen++;
         n->row = *r;
         if (r->running)
@@ -369,8 +375,7 @@ static const vouch_t *
 s_vouch_find (const cn_liveness_t *t, const char *owner, const char *owner_boot)
 {
     for (size_t i = 0; i < t->nvouch; i++)
-        if (strcmp (t->vouch[i].owner, owner) == 0
-            && strcmp (t->vouch[i].owner_boot, owner_boot) == 0)
+        if (s_same_owner (t->vouch[i].who.owner, t->vouch[i].who.owner_boot, owner, owner_boot))
             return &t->vouch[i];
     return NULL;
 }
@@ -425,8 +430,8 @@ cn_liveness_vouch (cn_liveness_t *t, const char *owner, const char *owner_boot, 
                 if (t->vouch[i].ms < v->ms)
                     v = &t->vouch[i];
         }
-        snprintf (v->owner, sizeof v->owner, "%s", owner);
-        snprintf (v->owner_boot, sizeof v->owner_boot, "%s", owner_boot);
+        snprintf (v->who.owner, sizeof v->who.owner, "%s", owner);
+        snprintf (v->who.owner_boot, sizeof v->who.owner_boot, "%s", owner_boot);
         v->ms = 0;
     }
     if (ms > v->ms)
@@ -507,12 +512,10 @@ cn_liveness_owners (const cn_liveness_t *ct, cn_owner_t **out)
             const cn_status_row_t *r = &nd->row;
             if (!r->running || !r->owner[0])
                 continue;
-            if (n && strcmp (v[last].owner, r->owner) == 0
-                && strcmp (v[last].owner_boot, r->owner_boot) == 0)
+            if (n && s_same_owner (v[last].owner, v[last].owner_boot, r->owner, r->owner_boot))
                 continue;
             size_t j = 0;
-            while (j < n && (strcmp (v[j].owner, r->owner) != 0
-                             || strcmp (v[j].owner_boot, r->owner_boot) != 0))
+            while (j < n && !s_same_owner (v[j].owner, v[j].owner_boot, r->owner, r->owner_boot))
                 j++;
             if (j == n) {
                 v = cn_grow (v, &cap, n + 1, sizeof *v, 8);

@@ -79,16 +79,16 @@ def _all_running(d, uuids):
     return all(st.get(u) == "running" for u in uuids) or None
 
 
-def _cluster(t, n, dns=None):
-    """n instances on 127.0.0.2.. sharing one port, store, vhost and Redis;
-    the DNS name lists them (or the instances in dns). Returns
-    (amqp_url, conninfo, [Cnapid])."""
+def _cluster(t, n, dns=None, config=None):
+    """n instances on 127.0.0.2.. sharing one port, store, vhost and Redis
+    (and config, when given); the DNS name lists them (or the instances in
+    dns). Returns (amqp_url, conninfo, [Cnapid])."""
     url, db, redis = t.fresh_vhost(), t.fresh_db(), t.fresh_redis()
     t.cleanup(t.stack.dns_set)      # last: the name does not resolve again
     addrs = ["127.0.0.%d" % (i + 2) for i in range(n)]
     port = harness.common_port(addrs)
     ds = [t.cnapid(name="cnapi-%d" % (i + 1), address=addrs[i], port=port, amqp_url=url,
-                   pg_conninfo=db, redis_url=redis) for i in range(n)]
+                   pg_conninfo=db, redis_url=redis, config=config) for i in range(n)]
     _dns(t, [d.address for d in (ds if dns is None else dns(ds))])
     return url, db, ds
 
@@ -333,16 +333,9 @@ def test_last_heartbeat_follows_the_owner(t):
     sign of life (seen once a second), so it stays within seconds of now
     with the periodic flush pushed out to 10 minutes. When the agents go,
     the release writes the time each was last heard."""
-    url, db, redis = t.fresh_vhost(), t.fresh_db(), t.fresh_redis()
-    t.cleanup(t.stack.dns_set)
-    addrs = ["127.0.0.2", "127.0.0.3"]
-    port = harness.common_port(addrs)
-    cfg = {"session": {"flush_ms": 600000}}
-    ds = [t.cnapid(name="cnapi-%d" % (i + 1), address=addrs[i], port=port, amqp_url=url,
-                   pg_conninfo=db, redis_url=redis, config=cfg) for i in range(2)]
-    _dns(t, addrs)
+    url, db, ds = _cluster(t, 2, config={"session": {"flush_ms": 600000}})
     n = 20
-    m = _mockcloud(t, url, port, n, "5e55000b")
+    m = _mockcloud(t, url, ds[0].port, n, "5e55000b")
     uuids = m.uuids()
     _connected(m, n, [d.name for d in ds])
     _wait_all_running(ds, uuids)
