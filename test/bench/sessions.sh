@@ -3,7 +3,7 @@
 # (issue 3, target 1).
 #
 #   test/bench/sessions.sh [--sessions N] [--window S] [--mockclouds M] [--threads T]
-#                          [--ramp-ms MS] [--perf] [--no-restart]
+#                          [--ramp-ms MS] [--perf] [--no-restart] [--floor]
 #
 # 1. One cnapid (bench-1 on 127.0.0.2), DNS pointing at it. N server records
 #    are seeded through the real ingest path first (sysinfo-burst), so the
@@ -21,10 +21,14 @@
 #    sessions actor's counters (timeouts, reconnects must stay 0).
 # 5. RSS at N: (RSS_N - RSS_0) / N per session; with --perf a 10 s
 #    `perf record -g` of cnapid and its top symbols.
+# 6. With --floor, then the floor on the same machine minutes later:
+#    bare-hub (test/bench/bare_hub.c: the upgrade, welcome, hb answers and
+#    nothing else) on 127.0.0.3 holding the same N agents of a fresh
+#    mockcloud, measured the same way (ramp, 10 s, window).
 # Prints one summary block; docs/benchmarks.md records the figures.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/sessions_lib.sh"
-N=15000 WINDOW=30 MC=1 THREADS=1 RAMP=-1 PERF=0 RESTART=1
+N=15000 WINDOW=30 MC=1 THREADS=1 RAMP=-1 PERF=0 RESTART=1 FLOOR=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --sessions) N=$2; shift 2 ;;
@@ -34,7 +38,8 @@ while [ $# -gt 0 ]; do
     --ramp-ms) RAMP=$2; shift 2 ;;
     --perf) PERF=1; shift ;;
     --no-restart) RESTART=0; shift ;;
-    *) sed -n '2,25p' "$0"; exit 2 ;;
+    --floor) FLOOR=1; shift ;;
+    *) sed -n '2,29p' "$0"; exit 2 ;;
   esac
 done
 bench_init bsessions
@@ -121,7 +126,7 @@ if [ "$PERF" = 1 ]; then
                  | grep -v '^#' | grep '%' | head -3 | grep -o '[0-9]*:[A-Za-z0-9_-]*' | cut -d: -f1); do
       echo "-- thread $tid: top symbols"
       perf report -i "$STATE/perf.data" --no-children --tid "$tid" --sort dso,symbol --stdio -g none 2>/dev/null \
-          | grep -v '^#' | grep '%' | head -12
+          | grep -v '^#' | grep '%' | head -25
     done
   } >"$STATE/perf.top" || true
 fi
@@ -164,3 +169,48 @@ print("   machine yardstick: mockcloud %.2f us per agent-second (quiet machine ~
       % (mc_us, "" if mc_us < 9.5 else ": SLOW, compare builds side by side only"))
 EOF
 if [ -s "$STATE/perf.top" ]; then echo "== perf (cnapid, 10 s, top symbols)"; sed 's/^/   /' "$STATE/perf.top"; fi
+
+[ "$FLOOR" = 1 ] || exit 0
+
+# The floor: bare-hub with the same agents (a fresh mockcloud, as above)
+ninja -C "$BUILD" bare-hub >/dev/null
+kill -TERM "$PID"; reap "$PID"
+"$BUILD/bare-hub" 127.0.0.3 "$PORT" 1000 2>"$STATE/bare-hub.log" &
+BPID=$!
+PIDS+=($!)
+"$ROOT/deploy/local/stack" dns-set "$STACK" 127.0.0.3 >/dev/null 2>&1
+ramp=()
+[ "$RAMP" -ge 0 ] && ramp=(--ramp-ms "$RAMP")
+"$BUILD/mockcloud" --count "$N" --prefix cafeffff --threads "$THREADS" --amqp none \
+    --resolver "$CNAPI_DNS_SERVER" --cnapi-port "$PORT" --heartbeat-ms 1000 "${ramp[@]}" \
+    --stats --log-level "${MC_LOG:-warn}" >"$STATE/mc-floor.stats" 2>"$STATE/mc-floor.log" &
+FMC=$!
+PIDS+=($!)
+F_UP=$(wait_connected "$STATE/mc-floor.stats" "$N" 180) || true
+log "floor: sessions up after ${F_UP} ms; load $(loadavg)"
+sleep 10
+B0=$(cpu_ticks "$BPID") M0=$(cpu_ticks "$FMC") W0=$(now_ms)
+sleep "$WINDOW"
+B1=$(cpu_ticks "$BPID") M1=$(cpu_ticks "$FMC") W1=$(now_ms)
+FSTATS=$(tail -n1 "$STATE/mc-floor.stats")
+if [ "$PERF" = 1 ]; then
+  perf record -g -o "$STATE/perf-floor.data" -p "$BPID" -- sleep 10 >/dev/null 2>&1 || true
+  perf report -i "$STATE/perf-floor.data" --no-children --sort dso,symbol --stdio -g none 2>/dev/null \
+      | grep -v '^#' | grep '%' | head -25 >"$STATE/perf-floor.top" || true
+fi
+kill -TERM "$FMC" "$BPID" 2>/dev/null || true
+reap "$FMC"; reap "$BPID"
+$PY - "$N" "$HZ" "$B0" "$B1" "$M0" "$M1" "$W0" "$W1" "$FSTATS" <<'EOF'
+import json, sys
+a = sys.argv[1:]
+n, hz = int(a[0]), int(a[1])
+b0, b1, m0, m1, w0, w1 = map(int, a[2:8])
+s = json.loads(a[8])
+secs = (w1 - w0) / 1000.0
+print("== floor: bare-hub holding %d of %d agents (reconnects %d, losses %d, failures %d)"
+      % (s["connected"], n, s["reconnects"], s["losses"], s["failures"]))
+print("   bare-hub: %.2f%% of one core (%.2f us per session-second) over %.1f s"
+      % (100.0 * (b1 - b0) / hz / secs, (b1 - b0) / hz / secs / n * 1e6, secs))
+print("   machine yardstick: mockcloud %.2f us per agent-second" % ((m1 - m0) / hz / secs / n * 1e6))
+EOF
+if [ "$PERF" = 1 ] && [ -s "$STATE/perf-floor.top" ]; then echo "== perf (bare-hub, 10 s, top symbols)"; sed 's/^/   /' "$STATE/perf-floor.top"; fi
