@@ -9,6 +9,7 @@
 #include "cn_log.h"
 #include "cn_msg.h"
 #include "cn_redis.h"
+#include "cn_util.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -25,7 +26,19 @@ typedef struct {
     cn_redis_t *redis;
     zhashx_t *dirty;          /* uuids whose cache update failed */
     bool dirty_all;
+    int64_t hold_until_us;    /* cache_done waits for the drop until then (0: no hold) */
+    bool gave_up;             /* the hold ran out: tell at once until a drop succeeds */
+    zloop_t *loop;
+    int hold_timer;           /* the 100 ms retry timer while holding (0: none) */
 } self_t;
+
+static int s_on_hold_tick (zloop_t *loop, int timer_id, void *arg);
+
+static bool
+s_dirty (const self_t *self)
+{
+    return self->dirty_all || zhashx_size (self->dirty) > 0;
+}
 
 static void
 s_mark_dirty (self_t *self, const cn_cache_put_t *puts, size_t n)
@@ -37,6 +50,13 @@ s_mark_dirty (self_t *self, const cn_cache_put_t *puts, size_t n)
         }
         else
             zhashx_update (self->dirty, puts[k].uuid, (void *) 1);
+    }
+    if (!self->hold_until_us && !self->gave_up) {
+        self->hold_until_us = cn_mono_us () + CN_CACHE_HOLD_MS * 1000LL;
+        /* drop and tell again soon after Redis is back, not at the next
+         * second's tick */
+        if (!self->hold_timer && self->loop)
+            self->hold_timer = zloop_timer (self->loop, 100, 0, s_on_hold_tick, self);
     }
     atomic_store (&self->stats->dirty, zhashx_size (self->dirty) + (self->dirty_all ? 1 : 0));
 }
@@ -69,6 +89,18 @@ s_maintenance (self_t *self)
         self->dirty_all = false;
         zhashx_purge (self->dirty);
         atomic_store (&self->stats->dirty, 0);
+        self->hold_until_us = 0;
+        self->gave_up = false;
+    }
+}
+
+/* Stop the retry timer once nothing is held any more. */
+static void
+s_hold_check (self_t *self)
+{
+    if (self->hold_timer && (!s_dirty (self) || self->gave_up)) {
+        zloop_timer_end (self->loop, self->hold_timer);
+        self->hold_timer = 0;
     }
 }
 
@@ -125,16 +157,26 @@ s_apply (self_t *self, zframe_t *frame)
     return seq;
 }
 
-/* Tell the writer how far Redis has been brought (written or, when it
- * failed, remembered as dirty): the HTTP writes it holds up to there can be
- * answered. Never blocks: while the writer is busy (and perhaps blocked
- * sending to us) the pipe may be full; the seq is cumulative, so the next
- * pull or tick says it again. */
+/* Tell the writer how far Redis has been brought: the HTTP writes it holds
+ * up to there can be answered. A failed write leaves the previous version
+ * in Redis until s_maintenance drops it, so while uuids are dirty this
+ * waits, for at most CN_CACHE_HOLD_MS from the first failure (readers
+ * elsewhere must not find the old record after the answer; a Redis that
+ * stays away must not hold every write). Never blocks: while the writer is
+ * busy (and perhaps blocked sending to us) the pipe may be full; the seq is
+ * cumulative, so the next pull or tick says it again. */
 static void
 s_tell (self_t *self)
 {
     if (self->done <= self->told)
         return;
+    if (s_dirty (self) && !self->gave_up) {
+        if (cn_mono_us () < self->hold_until_us)
+            return;
+        self->gave_up = true;
+        CN_WARN (COMPONENT, "redis entries not dropped in time; answering writes anyway",
+                 "{s:i}", "hold_ms", CN_CACHE_HOLD_MS);
+    }
     cn_msgw_t w;
     cn_msgw_init (&w, "cache_done", 1);
     cn_msgw_uint (&w, "seq", self->done);
@@ -159,8 +201,19 @@ s_on_pull (zloop_t *loop, zsock_t *pull, void *arg)
         zframe_destroy (&f);
         atomic_fetch_sub (&self->stats->queued, 1);
     }
-    s_tell (self);
     s_maintenance (self);
+    s_tell (self);
+    s_hold_check (self);
+    return 0;
+}
+
+static int
+s_on_hold_tick (zloop_t *loop, int timer_id, void *arg)
+{
+    self_t *self = arg;
+    s_maintenance (self);
+    s_tell (self);
+    s_hold_check (self);
     return 0;
 }
 
@@ -168,8 +221,9 @@ static int
 s_on_tick (zloop_t *loop, int timer_id, void *arg)
 {
     self_t *self = arg;
-    s_tell (self);
     s_maintenance (self);
+    s_tell (self);
+    s_hold_check (self);
     bool up = cn_redis_ok (self->redis);
     if (up) {
         redisReply *rep = cn_redis_cmd (self->redis, "PING");
@@ -219,6 +273,7 @@ cn_cache_actor (zsock_t *pipe, void *args)
     zloop_set_nonstop (loop, true);
     zloop_reader (loop, pipe, s_on_pipe, self);
     zloop_reader (loop, self->pull, s_on_pull, self);
+    self->loop = loop;
     zloop_timer (loop, 1000, 0, s_on_tick, self);
     bool up = cn_redis_ok (self->redis);
     cn_health_set ("redis", up);

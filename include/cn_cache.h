@@ -14,6 +14,10 @@
  * Redis down: the uuids it could not update are remembered and dropped from
  * Redis when it comes back (readers then refill from PostgreSQL); past
  * CN_CACHE_DIRTY_MAX of them the whole server cache is dropped instead.
+ * Until they are dropped Redis may still hold their previous versions, so
+ * "cache_done" waits for the drop, for at most CN_CACHE_HOLD_MS from the
+ * first failure; past that (Redis stays away) it is sent at once again
+ * until a drop succeeds.
  *
  *   cn_cache_stats_t stats = { 0 };
  *   cn_cache_args_t args = { cfg, &stats, shard };
@@ -31,6 +35,7 @@
 
 #define CN_CACHE_FMT "inproc://cnapi-cache-%d"
 #define CN_CACHE_DIRTY_MAX 100000
+#define CN_CACHE_HOLD_MS 3000     /* cache_done waits this long at most for a drop */
 
 typedef struct {
     atomic_bool connected;

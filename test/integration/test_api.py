@@ -454,6 +454,42 @@ def test_write_answered_after_the_cache(t):
                if k.startswith("writer-")) >= 2
 
 
+def test_write_answered_after_a_failed_cache_write_is_dropped(t):
+    """When the write-through to Redis fails (here: slower than
+    redis.timeout_ms, because Redis holds back writes), Redis keeps the
+    previous version until the cache writer drops it. The answer waits for
+    that drop (bounded by CN_CACHE_HOLD_MS, 3 s, longer than this pause), so
+    a read right after it on another instance, which still reaches Redis,
+    finds the new record: from Redis if the late write landed, else from
+    PostgreSQL."""
+    import redis
+    url, port, _ = _private_redis(t)
+    cfg = {"redis": {"timeout_ms": 200}}
+    d1 = t.cnapid(name="rd-1", pg_conninfo=t.ctx.db, redis_url=url, config=cfg)
+    d2 = t.cnapid(name="rd-2", pg_conninfo=t.ctx.db, redis_url=url, config=cfg)
+    rc = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+    pause_ms = 1000
+    for u in t.ctx.uuids[:2]:
+        before = d1.get("/servers/%s" % u).body["comments"]
+        harness.wait_until(lambda: rc.hget("cnapi:server:%s" % u, "j"), timeout=10,
+                           desc="the record in the shared cache")
+        want = before + "+dropped"
+        assert rc.execute_command("CLIENT", "PAUSE", pause_ms, "WRITE")
+        t0 = time.monotonic()
+        r = d1.post("/servers/%s" % u, json={"comments": want}, timeout=30)
+        held = time.monotonic() - t0
+        assert r.status == 204, r
+        assert d2.get("/servers/%s" % u).body["comments"] == want
+        assert d1.get("/servers/%s" % u).body["comments"] == want
+        cached = rc.hget("cnapi:server:%s" % u, "j")
+        assert cached is None or json.loads(cached)["comments"] == want, cached
+        t.log("write answered %.0f ms into a %d ms pause; cache entry %s"
+              % (held * 1000, pause_ms, "dropped" if cached is None else "new"))
+    writers = [w for k, w in harness.actors(d1).items() if k.startswith("writer-")]
+    assert sum(w.get("cache_failures", 0) for w in writers) >= 2     # the path under test
+    assert "redis entries not dropped in time" not in d1.log_text()
+
+
 def test_near_cache_off_without_redis(t):
     """With its Redis gone an instance cannot hear other instances' writes:
     it must not answer from its near cache then."""
