@@ -490,6 +490,22 @@ def test_write_answered_after_a_failed_cache_write_is_dropped(t):
     assert "redis entries not dropped in time" not in d1.log_text()
 
 
+def test_writes_answered_while_redis_is_down(t):
+    """A Redis that stays away does not hold writes: the first answer waits
+    for the drop at most CN_CACHE_HOLD_MS, the next ones not at all, and
+    reads come from PostgreSQL."""
+    url, port, stop_redis = _private_redis(t)
+    d = t.cnapid(name="rdown-1", pg_conninfo=t.ctx.db, redis_url=url)
+    u = t.ctx.uuids[2]
+    before = d.get("/servers/%s" % u).body["comments"]
+    stop_redis()
+    for i in range(3):
+        r = d.post("/servers/%s" % u, json={"comments": "%s+down%d" % (before, i)}, timeout=30)
+        assert r.status == 204, r
+    assert d.get("/servers/%s" % u).body["comments"] == before + "+down2"
+    assert "redis entries not dropped in time" in d.log_text()
+
+
 def test_near_cache_off_without_redis(t):
     """With its Redis gone an instance cannot hear other instances' writes:
     it must not answer from its near cache then."""
