@@ -1610,7 +1610,7 @@ s_start (gw_t *gw, char *reason, size_t rlen)
 
     /* the hub exists before the services (the tasks actor answers agents
      * through its mailbox); it starts after them */
-    gw->hub = cn_hub_new (cfg, &gw->ctx, gw->live);
+    gw->hub = cn_hub_new (cfg, gw->live);
 
     /* the services in this build: a PUSH each (bound before the actor's
      * PULL connects), then the actor */
@@ -1630,7 +1630,7 @@ s_start (gw_t *gw, char *reason, size_t rlen)
         gw->svc_push_handle[k] = zsock_resolve (gw->svc_push[k]);
         gw->svc_args[k] = (cn_backend_args_t) {
             .cfg = cfg, .receiver = &gw->reply_rx, .index = 0, .live = gw->live,
-            .hub = cn_hub_receiver (gw->hub), .boot_id = cn_hub_boot_id (gw->hub),
+            .hub = gw->hub, .boot_id = cn_hub_boot_id (gw->hub),
         };
         gw->svc_actor[k] = zactor_new (s_services[k].fn, &gw->svc_args[k]);
         if (!gw->svc_actor[k]) {

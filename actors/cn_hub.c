@@ -1,5 +1,5 @@
 /*
- * cn_hub: agent sessions in the gateway's h2o thread. See include/cn_hub.h,
+ * cn_hub: agent sessions in a thread of their own. See include/cn_hub.h,
  * proto/session.md (the wire protocol), proto/hub.md (messages to the
  * sessions actor) and docs/sessions.md (theory of operation).
  *
@@ -8,16 +8,20 @@
  * A session is born from GET /agent/session: the gateway checks the request
  * (upgrade headers, x-server-uuid) and calls cn_hub_on_req, which answers
  * 101 through h2o_http1_upgrade and, once those bytes are written, takes the
- * raw socket out of h2o (h2o_socket_export). The framing is ours
+ * raw socket out of h2o (h2o_socket_export) and posts it, with any bytes
+ * that came behind the request, to the hub's thread (ADOPT). The framing is ours
  * (lib/cn_ws.c), because wslay would add ~8.5 KiB of buffers per connection
  * and the budget is 16 KiB per session all told.
  *
- * Socket I/O. The session sockets are in an edge-triggered epoll of ours,
- * whose fd h2o's loop watches (H2O_SOCKET_FLAG_DONT_READ): one wake-up of
- * the loop handles every ready session. h2o's own epoll is level-triggered,
- * which polls each ready socket twice per event; with 15,000 sessions each
- * sending one frame a second that, and h2o's per-socket bookkeeping, were a
- * tenth of the thread (docs/benchmarks.md, "Fifth round"). A ready socket
+ * Socket I/O. The session sockets are in an edge-triggered epoll, the one
+ * thing the hub's thread ("sessions-io") waits on, with the mailbox's
+ * eventfd: one wake-up handles every ready session. h2o's own epoll is
+ * level-triggered, which polls each ready socket twice per event; with
+ * 15,000 sessions each sending one frame a second that, and h2o's
+ * per-socket bookkeeping, were a tenth of the thread (docs/benchmarks.md,
+ * "Fifth round"). Nesting our epoll in h2o's loop (until the seventh round)
+ * cost a second epoll_wait and h2o's timer bookkeeping per wake-up, and
+ * shared the thread with the HTTP API. A ready socket
  * is read (recv) into one 64 KiB buffer shared by all sessions until the kernel
  * has no more (a short read, or end of file once the peer hung up); whole
  * frames are parsed in place, and only an incomplete frame's bytes are
@@ -26,8 +30,8 @@
  * buffer at all.
  *
  * A closed session's fd is closed at once, but the session is freed only at
- * the top of the loop (s_reap: the end of the epoll batch, or a zero-delay
- * timeout): the batch may still hold an event for it, and a send can fail
+ * the end of the loop's round (s_reap): the batch may still hold an event
+ * for it, and a send can fail
  * inside s_send_frame, whose callers go on using s (fd -1 makes every later
  * step a no-op).
  *
@@ -36,15 +40,17 @@
  * ways) -> CLOSING (close frame queued; the socket closes once it is written
  * and the peer answered or a short linger passed).
  *
- * Timers are two h2o_timeout_t lists shared by all sessions, each a FIFO of
+ * Timers are two lists (tq_t) shared by all sessions, each a FIFO of
  * entries with one fixed delay, so arming and re-arming is O(1) and the loop
- * wakes once for the earliest entry: `beat` (heartbeat_ms: send hb) and
+ * waits for the earliest entry: `beat` (1.5 heartbeat_ms: send hb) and
  * `dead` (dead_after_ms since the last byte heard: close 4002; in CLOSING
- * the same entry is the linger bound on `linger`). A third one-entry timeout
- * drives the periodic flush report.
+ * the same entry is the linger bound on `linger`). A third one-entry list
+ * drives the periodic flush report. Times are the wall clock in ms, read
+ * once per round (hub->now).
  *
- * Messages from the sessions actor arrive on the hub's multithread receiver
- * (the sessions' mailbox, drained by the loop in arrival order) and name
+ * Messages from the sessions and tasks actors and the gateway arrive in the
+ * hub's mailbox (cn_hub_post: a locked list and an eventfd, drained by the
+ * loop in arrival order) and name
  * their session by sid, a per-process counter; a message for a session that
  * is gone is dropped. Messages to the actor carry sid and uuid; the actor
  * learns every close by a "bye" (except closes it ordered itself and the
@@ -57,16 +63,20 @@
 #include <errno.h>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/ioctl.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <czmq.h>
 #include <h2o/http1.h>
 
+#include "cn_actor.h"
 #include "cn_log.h"
 #include "cn_msg.h"
 #include "cn_sessions.h"
@@ -82,6 +92,19 @@
 
 enum { S_HELLO, S_CLAIM, S_OWNED, S_CLOSING };
 
+/* Timers: FIFO lists of entries that share one delay (so arming is O(1) and
+ * the loop waits for the first entry of each list only). */
+typedef struct tent {
+    h2o_linklist_t link;
+    uint64_t at;                /* wall clock ms */
+    void (*cb) (struct tent *e);
+} tent_t;
+
+typedef struct {
+    h2o_linklist_t list;
+    uint64_t delay;
+} tq_t;
+
 typedef struct sess {
     struct sess *hnext;         /* sid hash chain */
     h2o_linklist_t link;        /* hub->all */
@@ -94,10 +117,10 @@ typedef struct sess {
     uint64_t epoch;
     uint64_t hb_seq;
     uint64_t connected_ms;      /* wall clock */
-    uint64_t last_heard;        /* h2o_now (wall clock ms) */
-    uint64_t last_beat;         /* h2o_now when our last hb went out */
-    h2o_timeout_entry_t beat;
-    h2o_timeout_entry_t dead;
+    uint64_t last_heard;        /* hub->now (wall clock ms) */
+    uint64_t last_beat;         /* hub->now when our last hb went out */
+    tent_t beat;
+    tent_t dead;
     uint8_t state;
     bool writing;               /* wbuf is in flight */
     bool close_when_written;
@@ -117,36 +140,95 @@ typedef struct sess {
 
 struct cn_hub {
     const cn_config_t *cfg;
-    h2o_context_t *ctx;
-    h2o_loop_t *loop;
     cn_liveness_t *live;
     zsock_t *push;
     void *push_handle;
     zsock_t *tpush;             /* task frames to the tasks actor */
     void *tpush_handle;
-    h2o_multithread_receiver_t rx;
-    bool rx_registered;
-    h2o_timeout_t beat_to, dead_to, linger_to, flush_to;
-    h2o_timeout_entry_t flush_entry;
-    /* the sessions' sockets: an edge-triggered epoll of our own, itself
-     * watched by h2o's loop (docs/sessions.md, "Socket I/O") */
+    /* the mailbox: commands from the sessions and tasks actors and sessions
+     * handed over by the gateway (cn_hub_post); the eventfd wakes the loop */
+    pthread_mutex_t inbox_mu;
+    h2o_linklist_t inbox;
+    int inbox_fd;
+    tq_t beat_to, dead_to, linger_to, flush_to;
+    tent_t flush_entry;
+    uint64_t now;               /* wall clock ms, at the top of each round */
+    /* the sessions' sockets: an edge-triggered epoll that the hub's own
+     * thread waits on (docs/sessions.md, "Socket I/O") */
     int ep;
-    h2o_socket_t *ep_sock;
-    h2o_timeout_t reap_to;      /* zero delay: free closed sessions */
-    h2o_timeout_entry_t reap_entry;
+    pthread_t thread;
+    bool thread_started;
+    atomic_bool stop;
     uint8_t *rbuf;              /* READ_CHUNK bytes, for every session's reads */
     h2o_linklist_t closing;     /* closed, to be freed (s_reap) */
-    bool timeouts_ready;
     sess_t **table;
     h2o_linklist_t all;
-    size_t count;               /* sessions in the table */
-    uint64_t next_sid;
+    atomic_size_t count;        /* sessions in the table (read by the gateway) */
+    atomic_uint_fast64_t next_sid;
     bool shutting_down;
     zactor_t *actor;
     cn_sessions_args_t args;
     cn_hub_stats_t stats;
     char boot_id[37];
 };
+
+/* ------------------------------------------------------------------ */
+/* Timers                                                               */
+
+static void
+s_tinit (tq_t *q, uint64_t delay)
+{
+    h2o_linklist_init_anchor (&q->list);
+    q->delay = delay;
+}
+
+static bool
+s_tlinked (tent_t *e)
+{
+    return h2o_linklist_is_linked (&e->link);
+}
+
+static void
+s_tunlink (tent_t *e)
+{
+    if (h2o_linklist_is_linked (&e->link))
+        h2o_linklist_unlink (&e->link);
+}
+
+static void
+s_tlink (cn_hub_t *hub, tq_t *q, tent_t *e)
+{
+    s_tunlink (e);
+    e->at = hub->now + q->delay;
+    h2o_linklist_insert (&q->list, &e->link);
+}
+
+/* Fire the entries that are due; a callback may link entries again (at
+ * now + delay: later than now, so the walk ends). */
+static void
+s_trun (cn_hub_t *hub, tq_t *q)
+{
+    while (!h2o_linklist_is_empty (&q->list)) {
+        tent_t *e = H2O_STRUCT_FROM_MEMBER (tent_t, link, q->list.next);
+        if (e->at > hub->now)
+            break;
+        h2o_linklist_unlink (&e->link);
+        e->cb (e);
+    }
+}
+
+/* ms until the first entry of q is due (wait at most cap) */
+static int
+s_twait (const cn_hub_t *hub, tq_t *q, int cap)
+{
+    if (h2o_linklist_is_empty (&q->list))
+        return cap;
+    const tent_t *e = H2O_STRUCT_FROM_MEMBER (tent_t, link, q->list.next);
+    if (e->at <= hub->now)
+        return 0;
+    return e->at - hub->now < (uint64_t) cap ? (int) (e->at - hub->now) : cap;
+}
+
 
 /* ------------------------------------------------------------------ */
 /* Table                                                                */
@@ -226,8 +308,8 @@ s_bye (sess_t *s, const char *reason)
 
 static void s_free (sess_t *s);
 
-/* Free the sessions closed since the last time (the end of an epoll batch,
- * or the zero-delay timeout a close links). */
+/* Free the sessions closed since the last time (at the end of each round
+ * of the loop). */
 static void
 s_reap (cn_hub_t *hub)
 {
@@ -235,12 +317,6 @@ s_reap (cn_hub_t *hub)
         sess_t *s = H2O_STRUCT_FROM_MEMBER (sess_t, link, hub->closing.next);
         s_free (s);
     }
-}
-
-static void
-s_on_reap (h2o_timeout_entry_t *entry)
-{
-    s_reap (H2O_STRUCT_FROM_MEMBER (cn_hub_t, reap_entry, entry));
 }
 
 /* Close the socket: no more input or output. s itself is freed later, at
@@ -255,13 +331,11 @@ s_close_socket (sess_t *s)
         s->fd = -1;
         atomic_fetch_sub_explicit (&hub->stats.open, 1, memory_order_relaxed);
     }
-    if (!h2o_timeout_is_linked (&hub->reap_entry))
-        h2o_timeout_link (hub->loop, &hub->reap_to, &hub->reap_entry);
     s->state = S_CLOSING;       /* nothing more is parsed or sent */
-    if (h2o_timeout_is_linked (&s->beat))
-        h2o_timeout_unlink (&s->beat);
-    if (h2o_timeout_is_linked (&s->dead))
-        h2o_timeout_unlink (&s->dead);
+    if (s_tlinked (&s->beat))
+        s_tunlink (&s->beat);
+    if (s_tlinked (&s->dead))
+        s_tunlink (&s->dead);
     s_table_remove (hub, s);        /* commands no longer find it */
     if (!h2o_linklist_is_linked (&s->link))
         h2o_linklist_insert (&hub->closing, &s->link);
@@ -365,11 +439,11 @@ s_close (sess_t *s, uint16_t code, const char *reason)
     s_send_frame (s, CN_WS_OP_CLOSE, payload, n);
     s->state = S_CLOSING;
     s->close_when_written = true;
-    if (h2o_timeout_is_linked (&s->beat))
-        h2o_timeout_unlink (&s->beat);
-    if (h2o_timeout_is_linked (&s->dead))
-        h2o_timeout_unlink (&s->dead);
-    h2o_timeout_link (s->hub->loop, &s->hub->linger_to, &s->dead);
+    if (s_tlinked (&s->beat))
+        s_tunlink (&s->beat);
+    if (s_tlinked (&s->dead))
+        s_tunlink (&s->dead);
+    s_tlink (s->hub, &s->hub->linger_to, &s->dead);
     s_flush_out (s);
 }
 
@@ -403,19 +477,19 @@ static void
 s_beat (sess_t *s)
 {
     uint8_t buf[CN_MSG_HB_MAX];
-    size_t n = cn_msg_hb_write (buf, ++s->hb_seq, (int64_t) h2o_now (s->hub->loop));
+    size_t n = cn_msg_hb_write (buf, ++s->hb_seq, (int64_t) s->hub->now);
     s_send_frame (s, CN_WS_OP_BINARY, buf, n);
-    s->last_beat = h2o_now (s->hub->loop);
+    s->last_beat = s->hub->now;
     atomic_fetch_add_explicit (&s->hub->stats.hb_sent, 1, memory_order_relaxed);
-    if (h2o_timeout_is_linked (&s->beat))
-        h2o_timeout_unlink (&s->beat);
-    h2o_timeout_link (s->hub->loop, &s->hub->beat_to, &s->beat);
+    if (s_tlinked (&s->beat))
+        s_tunlink (&s->beat);
+    s_tlink (s->hub, &s->hub->beat_to, &s->beat);
 }
 
 /* The fallback: the agent's hbs came slower than ours should go (its
  * interval is longer than ours, or it is late), so send one anyway. */
 static void
-s_on_beat (h2o_timeout_entry_t *entry)
+s_on_beat (tent_t *entry)
 {
     sess_t *s = H2O_STRUCT_FROM_MEMBER (sess_t, beat, entry);
     if (s->state != S_OWNED)
@@ -426,7 +500,7 @@ s_on_beat (h2o_timeout_entry_t *entry)
 static void s_on_ready (cn_hub_t *hub, sess_t *s, uint32_t ev);
 
 static void
-s_on_dead (h2o_timeout_entry_t *entry)
+s_on_dead (tent_t *entry)
 {
     sess_t *s = H2O_STRUCT_FROM_MEMBER (sess_t, dead, entry);
     if (s->state == S_CLOSING) {
@@ -444,20 +518,20 @@ s_on_dead (h2o_timeout_entry_t *entry)
     int unread = 0;
     if (s->fd >= 0 && ioctl (s->fd, FIONREAD, &unread) == 0 && unread > 0) {
         s_on_ready (s->hub, s, EPOLLIN | EPOLLRDHUP);
-        if (s->fd >= 0 && s->state != S_CLOSING && !h2o_timeout_is_linked (&s->dead))
-            h2o_timeout_link (s->hub->loop, &s->hub->dead_to, &s->dead);
+        if (s->fd >= 0 && s->state != S_CLOSING && !s_tlinked (&s->dead))
+            s_tlink (s->hub, &s->hub->dead_to, &s->dead);
         return;
     }
     atomic_fetch_add_explicit (&s->hub->stats.timeouts, 1, memory_order_relaxed);
     CN_INFO (COMPONENT, "session silent; closing", "{s:s,s:I,s:s}", "server_uuid",
-             s->uuid, "silent_ms", (json_int_t) (h2o_now (s->hub->loop) - s->last_heard),
+             s->uuid, "silent_ms", (json_int_t) (s->hub->now - s->last_heard),
              "remote", s->remote);
     s_bye (s, "timeout");
     s_close (s, CN_WS_CLOSE_TIMEOUT, "heartbeat timeout");
 }
 
 static void
-s_on_flush (h2o_timeout_entry_t *entry)
+s_on_flush (tent_t *entry)
 {
     cn_hub_t *hub = H2O_STRUCT_FROM_MEMBER (cn_hub_t, flush_entry, entry);
     /* every live session the actor knows of, with when we last heard it */
@@ -468,7 +542,7 @@ s_on_flush (h2o_timeout_entry_t *entry)
     }
     cn_msgw_t w;
     cn_msgw_init (&w, "flush", 2);
-    cn_msgw_int (&w, "now_ms", (int64_t) h2o_now (hub->loop));
+    cn_msgw_int (&w, "now_ms", (int64_t) hub->now);
     cn_msgw_key (&w, "sessions");
     msgpack_pack_array (&w.pk, (uint32_t) n);
     for (h2o_linklist_t *l = hub->all.next; l != &hub->all; l = l->next) {
@@ -481,7 +555,7 @@ s_on_flush (h2o_timeout_entry_t *entry)
     }
     s_push (hub, &w);
     if (!hub->shutting_down)
-        h2o_timeout_link (hub->loop, &hub->flush_to, &hub->flush_entry);
+        s_tlink (hub, &hub->flush_to, &hub->flush_entry);
 }
 
 /* ------------------------------------------------------------------ */
@@ -710,7 +784,7 @@ static void
 s_on_hb (sess_t *s)
 {
     if (s->state == S_OWNED
-        && h2o_now (s->hub->loop) - s->last_beat >= (uint64_t) s->hub->cfg->session_heartbeat_ms / 2)
+        && s->hub->now - s->last_beat >= (uint64_t) s->hub->cfg->session_heartbeat_ms / 2)
         s_beat (s);
 }
 
@@ -833,9 +907,9 @@ s_on_bytes (sess_t *s, uint8_t *p, size_t n)
 {
     if (s->fd < 0 || s->state == S_CLOSING || n == 0)
         return;
-    s->last_heard = h2o_now (s->hub->loop);
-    h2o_timeout_unlink (&s->dead);
-    h2o_timeout_link (s->hub->loop, &s->hub->dead_to, &s->dead);
+    s->last_heard = s->hub->now;
+    s_tunlink (&s->dead);
+    s_tlink (s->hub, &s->hub->dead_to, &s->dead);
     size_t used = 0, left;
     if (s->ilen == 0) {
         /* the usual case: whole frames, parsed where the kernel put them */
@@ -901,29 +975,6 @@ s_on_ready (cn_hub_t *hub, sess_t *s, uint32_t ev)
         s_try_send (s);
 }
 
-/* h2o's loop: our epoll has events. */
-static void
-s_on_ep (h2o_socket_t *sock, const char *err)
-{
-    cn_hub_t *hub = sock->data;
-    if (err) {
-        CN_ERROR (COMPONENT, "the sessions' epoll failed", "{s:s}", "error", err);
-        return;
-    }
-    struct epoll_event evs[EP_EVENTS];
-    for (int round = 0; round < 16; round++) {
-        int n = epoll_wait (hub->ep, evs, EP_EVENTS, 0);
-        for (int i = 0; i < n; i++) {
-            sess_t *s = evs[i].data.ptr;
-            if (s->fd >= 0)
-                s_on_ready (hub, s, evs[i].events);
-        }
-        if (n < EP_EVENTS)
-            break;
-    }
-    s_reap (hub);
-}
-
 /* ------------------------------------------------------------------ */
 /* Commands from the sessions actor                                     */
 
@@ -954,7 +1005,7 @@ s_snapshot (cn_hub_t *hub, const cn_hub_cmd_t *c)
     qsort (v, n, sizeof *v, s_cmp_uuid);
     size_t from = c->offset < n ? (size_t) c->offset : n;
     size_t count = n - from < c->limit ? n - from : (size_t) c->limit;
-    uint64_t now = h2o_now (hub->loop);
+    uint64_t now = hub->now;
     cn_msgw_t w;
     cn_msgw_init (&w, "sessions", 5);
     cn_msgw_uint (&w, "req", c->req);
@@ -989,13 +1040,22 @@ s_snapshot (cn_hub_t *hub, const cn_hub_cmd_t *c)
     s_push (hub, &w);
 }
 
+static void s_adopt (cn_hub_t *hub, sess_t *s);
+static void s_shutdown (cn_hub_t *hub);
+
 static void
-s_on_cmds (h2o_multithread_receiver_t *rx, h2o_linklist_t *messages)
+s_on_cmds (cn_hub_t *hub, h2o_linklist_t *messages)
 {
-    cn_hub_t *hub = H2O_STRUCT_FROM_MEMBER (cn_hub_t, rx, rx);
     while (!h2o_linklist_is_empty (messages)) {
         cn_hub_cmd_t *c = H2O_STRUCT_FROM_MEMBER (cn_hub_cmd_t, super.link, messages->next);
         h2o_linklist_unlink (&c->super.link);
+        if (c->kind == CN_HUB_ADOPT) {
+            s_adopt (hub, c->sess);
+            free (c);
+            continue;
+        }
+        if (c->kind == CN_HUB_SHUTDOWN)
+            s_shutdown (hub);
         sess_t *s = c->kind == CN_HUB_WELCOME || c->kind == CN_HUB_CLOSE
                     || c->kind == CN_HUB_SEND ? s_find (hub, c->sid) : NULL;
         if (c->kind == CN_HUB_WELCOME && s && s->state == S_CLAIM) {
@@ -1007,9 +1067,9 @@ s_on_cmds (h2o_multithread_receiver_t *rx, h2o_linklist_t *messages)
             cn_msgw_uint (&w, "epoch", c->epoch);
             cn_msgw_uint (&w, "heartbeat_ms", (uint64_t) hub->cfg->session_heartbeat_ms);
             s_send_msg (s, &w);
-            s->last_beat = h2o_now (hub->loop);
-            if (!h2o_timeout_is_linked (&s->beat))
-                h2o_timeout_link (hub->loop, &hub->beat_to, &s->beat);
+            s->last_beat = hub->now;
+            if (!s_tlinked (&s->beat))
+                s_tlink (hub, &hub->beat_to, &s->beat);
         }
         else
         if (c->kind == CN_HUB_CLOSE && s && s->state != S_CLOSING) {
@@ -1039,10 +1099,8 @@ static void
 s_free (sess_t *s)
 {
     cn_hub_t *hub = s->hub;
-    if (h2o_timeout_is_linked (&s->beat))
-        h2o_timeout_unlink (&s->beat);
-    if (h2o_timeout_is_linked (&s->dead))
-        h2o_timeout_unlink (&s->dead);
+    s_tunlink (&s->beat);
+    s_tunlink (&s->dead);
     s_table_remove (hub, s);
     if (h2o_linklist_is_linked (&s->link))
         h2o_linklist_unlink (&s->link);
@@ -1053,37 +1111,29 @@ s_free (sess_t *s)
     free (s);
 }
 
+/* The hub's thread: a session handed over by the gateway (its fd, and in
+ * ibuf the bytes that came with the request). */
 static void
-s_on_upgraded (void *user_data, h2o_socket_t *sock, size_t reqsize)
+s_adopt (cn_hub_t *hub, sess_t *s)
 {
-    sess_t *s = user_data;
-    if (!sock) {
-        s_free (s);
-        return;
-    }
-    cn_hub_t *hub = s->hub;
-    h2o_buffer_consume (&sock->input, reqsize);
-    /* from here on the socket is ours, out of h2o's loop */
-    h2o_socket_export_t info;
-    if (h2o_socket_export (sock, &info) != 0) {
-        s_free (s);
-        return;
-    }
-    s->fd = info.fd;
+    s_table_add (hub, s);
     struct epoll_event ev = { .events = SESS_EVENTS, .data.ptr = s };
     if (epoll_ctl (hub->ep, EPOLL_CTL_ADD, s->fd, &ev) != 0) {
         CN_ERROR (COMPONENT, "cannot watch a session socket", "{s:s,s:s}", "server_uuid",
                   s->uuid, "error", strerror (errno));
         close (s->fd);
         s->fd = -1;
-        h2o_buffer_dispose (&info.input);
         s_free (s);
         return;
     }
     atomic_fetch_add_explicit (&hub->stats.open, 1, memory_order_relaxed);
-    s->last_heard = h2o_now (hub->loop);
+    s->last_heard = hub->now;
     s->connected_ms = s->last_heard;
-    h2o_timeout_link (hub->loop, &hub->dead_to, &s->dead);
+    s_tlink (hub, &hub->dead_to, &s->dead);
+    uint8_t *early = (uint8_t *) s->ibuf;
+    size_t n = s->ilen;
+    s->ibuf = NULL;
+    s->ilen = s->icap = 0;
     if (hub->shutting_down) {
         s->quiet = true;
         s_send_goaway (s, "shutdown");
@@ -1091,9 +1141,43 @@ s_on_upgraded (void *user_data, h2o_socket_t *sock, size_t reqsize)
     }
     else
     /* bytes that came with the request (a hello sent without waiting) */
-    if (info.input->size > 0)
-        s_on_bytes (s, (uint8_t *) info.input->bytes, info.input->size);
+    if (n > 0)
+        s_on_bytes (s, early, n);
+    free (early);
+}
+
+/* The gateway's h2o thread: the 101 is written; hand the raw socket over. */
+static void
+s_on_upgraded (void *user_data, h2o_socket_t *sock, size_t reqsize)
+{
+    sess_t *s = user_data;
+    if (!sock) {
+        free (s);               /* not in the hub's tables yet */
+        return;
+    }
+    cn_hub_t *hub = s->hub;
+    h2o_buffer_consume (&sock->input, reqsize);
+    /* from here on the socket is ours, out of h2o's loop */
+    h2o_socket_export_t info;
+    if (h2o_socket_export (sock, &info) != 0) {
+        free (s);
+        return;
+    }
+    s->fd = info.fd;
+    if (info.input->size > 0) {
+        s->ibuf = malloc (info.input->size);
+        if (!s->ibuf)
+            abort ();
+        memcpy (s->ibuf, info.input->bytes, info.input->size);
+        s->ilen = s->icap = info.input->size;
+    }
     h2o_buffer_dispose (&info.input);
+    cn_hub_cmd_t *c = calloc (1, sizeof *c);
+    if (!c)
+        abort ();
+    c->kind = CN_HUB_ADOPT;
+    c->sess = s;
+    cn_hub_post (hub, c);
 }
 
 int
@@ -1101,18 +1185,16 @@ cn_hub_on_req (cn_hub_t *hub, h2o_req_t *req, const char *uuid, h2o_iovec_t key,
                const char **why)
 {
     char accept[29];
-    char k[32];
-    if (key.len >= sizeof k || !cn_ws_accept_key (key.base, key.len, accept)) {
+    if (key.len >= 32 || !cn_ws_accept_key (key.base, key.len, accept)) {
         *why = "bad sec-websocket-key";
         return -1;
     }
-    (void) k;
     sess_t *s = calloc (1, sizeof *s);
     if (!s)
         abort ();
     s->hub = hub;
     s->fd = -1;
-    s->sid = ++hub->next_sid;
+    s->sid = atomic_fetch_add (&hub->next_sid, 1) + 1;
     memcpy (s->uuid, uuid, 36);
     s->beat.cb = s_on_beat;
     s->dead.cb = s_on_dead;
@@ -1123,7 +1205,6 @@ cn_hub_on_req (cn_hub_t *hub, h2o_req_t *req, const char *uuid, h2o_iovec_t key,
     if (hl != SIZE_MAX)
         snprintf (s->remote, sizeof s->remote, "%.*s:%d", (int) hl, host,
                   h2o_socket_getport ((struct sockaddr *) &ss));
-    s_table_add (hub, s);
     atomic_fetch_add_explicit (&hub->stats.upgrades, 1, memory_order_relaxed);
 
     req->res.status = 101;
@@ -1138,12 +1219,12 @@ cn_hub_on_req (cn_hub_t *hub, h2o_req_t *req, const char *uuid, h2o_iovec_t key,
     return 0;
 }
 
-void
-cn_hub_shutdown (cn_hub_t *hub)
+/* The hub's thread: every agent is told to go elsewhere. */
+static void
+s_shutdown (cn_hub_t *hub)
 {
     hub->shutting_down = true;
-    if (h2o_timeout_is_linked (&hub->flush_entry))
-        h2o_timeout_unlink (&hub->flush_entry);
+    s_tunlink (&hub->flush_entry);
     size_t n = 0;
     for (h2o_linklist_t *l = hub->all.next; l != &hub->all; ) {
         sess_t *s = H2O_STRUCT_FROM_MEMBER (sess_t, link, l);
@@ -1160,11 +1241,77 @@ cn_hub_shutdown (cn_hub_t *hub)
     CN_INFO (COMPONENT, "sessions told to go elsewhere", "{s:i}", "sessions", (int) n);
 }
 
+/* ------------------------------------------------------------------ */
+/* The hub's thread                                                     */
+
 void
-cn_hub_finish (cn_hub_t *hub)
+cn_hub_post (cn_hub_t *hub, cn_hub_cmd_t *c)
 {
-    /* (a session whose 101 is still being written stays: h2o holds it as
-     * the upgrade's data; cn_hub_destroy frees it once the loop is gone) */
+    pthread_mutex_lock (&hub->inbox_mu);
+    bool was_empty = h2o_linklist_is_empty (&hub->inbox);
+    h2o_linklist_insert (&hub->inbox, &c->super.link);
+    pthread_mutex_unlock (&hub->inbox_mu);
+    if (was_empty) {
+        uint64_t one = 1;
+        ssize_t rc = write (hub->inbox_fd, &one, sizeof one);
+        (void) rc;              /* a full counter still wakes the loop */
+    }
+}
+
+static void
+s_drain_inbox (cn_hub_t *hub)
+{
+    uint64_t n;
+    ssize_t rc = read (hub->inbox_fd, &n, sizeof n);
+    (void) rc;
+    h2o_linklist_t got;
+    h2o_linklist_init_anchor (&got);
+    pthread_mutex_lock (&hub->inbox_mu);
+    h2o_linklist_insert_list (&got, &hub->inbox);
+    pthread_mutex_unlock (&hub->inbox_mu);
+    s_on_cmds (hub, &got);
+}
+
+static void
+s_clock (cn_hub_t *hub)
+{
+    struct timespec ts;
+    clock_gettime (CLOCK_REALTIME, &ts);
+    hub->now = (uint64_t) ts.tv_sec * 1000 + (uint64_t) ts.tv_nsec / 1000000;
+}
+
+static void *
+s_thread (void *arg)
+{
+    cn_hub_t *hub = arg;
+    cn_thread_name ("sessions-io");
+    struct epoll_event evs[EP_EVENTS];
+    while (!atomic_load (&hub->stop)) {
+        s_clock (hub);
+        int wait = 1000;
+        wait = s_twait (hub, &hub->dead_to, wait);
+        wait = s_twait (hub, &hub->beat_to, wait);
+        wait = s_twait (hub, &hub->linger_to, wait);
+        wait = s_twait (hub, &hub->flush_to, wait);
+        int n = epoll_wait (hub->ep, evs, EP_EVENTS, wait);
+        s_clock (hub);
+        for (int i = 0; i < n; i++) {
+            if (evs[i].data.ptr == &hub->inbox) {
+                s_drain_inbox (hub);
+                continue;
+            }
+            sess_t *s = evs[i].data.ptr;
+            if (s->fd >= 0)
+                s_on_ready (hub, s, evs[i].events);
+        }
+        s_trun (hub, &hub->dead_to);
+        s_trun (hub, &hub->beat_to);
+        s_trun (hub, &hub->linger_to);
+        s_trun (hub, &hub->flush_to);
+        s_reap (hub);
+    }
+    /* cn_hub_finish: the gateway's grace is over; close what is left */
+    s_drain_inbox (hub);
     for (h2o_linklist_t *l = hub->all.next; l != &hub->all; ) {
         sess_t *s = H2O_STRUCT_FROM_MEMBER (sess_t, link, l);
         l = l->next;
@@ -1172,26 +1319,40 @@ cn_hub_finish (cn_hub_t *hub)
             s_close_socket (s);
     }
     s_reap (hub);
-    if (h2o_timeout_is_linked (&hub->reap_entry))
-        h2o_timeout_unlink (&hub->reap_entry);
-    if (hub->ep_sock) {
-        h2o_socket_read_stop (hub->ep_sock);
-        h2o_socket_close (hub->ep_sock);    /* closes the epoll fd */
-        hub->ep_sock = NULL;
-        hub->ep = -1;
-    }
+    return NULL;
+}
+
+void
+cn_hub_shutdown (cn_hub_t *hub)
+{
+    cn_hub_cmd_t *c = calloc (1, sizeof *c);
+    if (!c)
+        abort ();
+    c->kind = CN_HUB_SHUTDOWN;
+    cn_hub_post (hub, c);
+}
+
+void
+cn_hub_finish (cn_hub_t *hub)
+{
+    /* (a session whose 101 is still being written is h2o's until then: the
+     * upgrade callback frees it, or the process exit does) */
+    if (!hub->thread_started)
+        return;
+    atomic_store (&hub->stop, true);
+    cn_hub_cmd_t *c = calloc (1, sizeof *c);
+    if (!c)
+        abort ();
+    c->kind = CN_HUB_WAKE;
+    cn_hub_post (hub, c);
+    pthread_join (hub->thread, NULL);
+    hub->thread_started = false;
 }
 
 size_t
 cn_hub_count (cn_hub_t *hub)
 {
-    return hub->count;
-}
-
-h2o_multithread_receiver_t *
-cn_hub_receiver (cn_hub_t *hub)
-{
-    return &hub->rx;
+    return atomic_load (&hub->count);
 }
 
 const char *
@@ -1204,29 +1365,30 @@ cn_hub_boot_id (const cn_hub_t *hub)
 /* Life cycle                                                           */
 
 cn_hub_t *
-cn_hub_new (const cn_config_t *cfg, h2o_context_t *ctx, cn_liveness_t *live)
+cn_hub_new (const cn_config_t *cfg, cn_liveness_t *live)
 {
     cn_hub_t *hub = calloc (1, sizeof *hub);
     if (!hub)
         abort ();
     hub->cfg = cfg;
-    hub->ctx = ctx;
-    hub->loop = ctx->loop;
     hub->live = live;
     hub->table = calloc (SESS_BUCKETS, sizeof *hub->table);
     if (!hub->table)
         abort ();
     h2o_linklist_init_anchor (&hub->all);
     h2o_linklist_init_anchor (&hub->closing);
+    h2o_linklist_init_anchor (&hub->inbox);
+    pthread_mutex_init (&hub->inbox_mu, NULL);
     hub->ep = -1;
+    hub->inbox_fd = -1;
     cn_uuid_new (hub->boot_id);
     return hub;
 }
 
-/* The sessions' epoll, in h2o's loop (created before the h2o thread runs,
- * as the gateway's listener is). Edge-triggered, so each ready socket is
- * looked at once per event: h2o's own level-triggered epoll polls each ready
- * socket twice (docs/benchmarks.md, "Fifth round"). */
+/* The sessions' epoll, edge-triggered, so each ready socket is looked at
+ * once per event (h2o's own level-triggered epoll polls each ready socket
+ * twice: docs/benchmarks.md, "Fifth round"); the mailbox's eventfd is in it
+ * too. */
 static int
 s_ep_setup (cn_hub_t *hub, char *reason, size_t rlen)
 {
@@ -1236,13 +1398,16 @@ s_ep_setup (cn_hub_t *hub, char *reason, size_t rlen)
         return -1;
     }
     hub->ep = epoll_create1 (EPOLL_CLOEXEC);
-    if (hub->ep < 0) {
+    hub->inbox_fd = eventfd (0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (hub->ep < 0 || hub->inbox_fd < 0) {
         snprintf (reason, rlen, "sessions' epoll: %s", strerror (errno));
         return -1;
     }
-    hub->ep_sock = h2o_evloop_socket_create (hub->loop, hub->ep, H2O_SOCKET_FLAG_DONT_READ);
-    hub->ep_sock->data = hub;
-    h2o_socket_read_start (hub->ep_sock, s_on_ep);
+    struct epoll_event ev = { .events = EPOLLIN, .data.ptr = &hub->inbox };
+    if (epoll_ctl (hub->ep, EPOLL_CTL_ADD, hub->inbox_fd, &ev) != 0) {
+        snprintf (reason, rlen, "sessions' mailbox: %s", strerror (errno));
+        return -1;
+    }
     return 0;
 }
 
@@ -1279,23 +1444,19 @@ cn_hub_start (cn_hub_t *hub, char *reason, size_t rlen)
     hub->tpush_handle = zsock_resolve (hub->tpush);
     if (s_ep_setup (hub, reason, rlen) != 0)
         return -1;
-    h2o_multithread_register_receiver (hub->ctx->queue, &hub->rx, s_on_cmds);
-    hub->rx_registered = true;
     /* the fallback beat: the agent's own hbs (answered at once) normally
      * come first; 1.5 intervals keeps the agent's 3-interval limit far */
-    h2o_timeout_init (hub->loop, &hub->beat_to, (uint64_t) cfg->session_heartbeat_ms * 3 / 2);
-    h2o_timeout_init (hub->loop, &hub->dead_to, (uint64_t) cfg->session_dead_after_ms);
-    h2o_timeout_init (hub->loop, &hub->linger_to, LINGER_MS);
-    h2o_timeout_init (hub->loop, &hub->flush_to, (uint64_t) cfg->session_flush_ms);
-    h2o_timeout_init (hub->loop, &hub->reap_to, 0);
-    hub->reap_entry.cb = s_on_reap;
-    hub->timeouts_ready = true;
+    s_tinit (&hub->beat_to, (uint64_t) cfg->session_heartbeat_ms * 3 / 2);
+    s_tinit (&hub->dead_to, (uint64_t) cfg->session_dead_after_ms);
+    s_tinit (&hub->linger_to, LINGER_MS);
+    s_tinit (&hub->flush_to, (uint64_t) cfg->session_flush_ms);
     hub->flush_entry.cb = s_on_flush;
-    h2o_timeout_link (hub->loop, &hub->flush_to, &hub->flush_entry);
+    s_clock (hub);
+    s_tlink (hub, &hub->flush_to, &hub->flush_entry);
 
     hub->args.cfg = cfg;
     hub->args.live = hub->live;
-    hub->args.hub = &hub->rx;
+    hub->args.hub = hub;
     hub->args.stats = &hub->stats;
     memcpy (hub->args.boot_id, hub->boot_id, sizeof hub->boot_id);
     hub->actor = zactor_new (cn_sessions_actor, &hub->args);
@@ -1313,6 +1474,11 @@ cn_hub_start (cn_hub_t *hub, char *reason, size_t rlen)
         return -1;
     }
     free (ok);
+    if (pthread_create (&hub->thread, NULL, s_thread, hub) != 0) {
+        snprintf (reason, rlen, "cannot start the sessions' thread");
+        return -1;
+    }
+    hub->thread_started = true;
     return 0;
 }
 
@@ -1322,24 +1488,27 @@ cn_hub_destroy (cn_hub_t **p)
     if (!p || !*p)
         return;
     cn_hub_t *hub = *p;
-    /* the actor first: nothing is sent to the mailbox after this */
+    cn_hub_finish (hub);        /* (the gateway normally did) */
+    /* the actor first: nothing is posted to the mailbox after this */
     zactor_destroy (&hub->actor);
     zsock_destroy (&hub->push);
     hub->push_handle = NULL;
     zsock_destroy (&hub->tpush);
     hub->tpush_handle = NULL;
-    if (hub->rx_registered) {
-        while (!h2o_linklist_is_empty (&hub->rx._messages)) {
-            h2o_linklist_t *l = hub->rx._messages.next;
-            h2o_linklist_unlink (l);
-            cn_hub_cmd_t *c = H2O_STRUCT_FROM_MEMBER (cn_hub_cmd_t, super.link, l);
-            free (c->data);
-            free (c);
+    while (!h2o_linklist_is_empty (&hub->inbox)) {
+        cn_hub_cmd_t *c = H2O_STRUCT_FROM_MEMBER (cn_hub_cmd_t, super.link, hub->inbox.next);
+        h2o_linklist_unlink (&c->super.link);
+        if (c->kind == CN_HUB_ADOPT) {
+            sess_t *s = c->sess;
+            if (s->fd >= 0)
+                close (s->fd);
+            free (s->ibuf);
+            free (s);
         }
-        h2o_multithread_unregister_receiver (hub->ctx->queue, &hub->rx);
-        hub->rx_registered = false;
+        free (c->data);
+        free (c);
     }
-    /* sessions left (cn_hub_finish closed them if the h2o thread ran) */
+    /* sessions left (the thread closed them if it ran) */
     while (!h2o_linklist_is_empty (&hub->all)) {
         sess_t *s = H2O_STRUCT_FROM_MEMBER (sess_t, link, hub->all.next);
         if (s->fd >= 0)
@@ -1351,25 +1520,12 @@ cn_hub_destroy (cn_hub_t **p)
         sess_t *s = H2O_STRUCT_FROM_MEMBER (sess_t, link, hub->closing.next);
         s_free (s);
     }
-    /* The epoll's h2o socket is the h2o thread's: cn_hub_finish closed it.
-     * If that thread never ran it, h2o's loop disposal frees the struct but
-     * does not close the fd. */
     if (hub->ep >= 0)
         close (hub->ep);
-    hub->ep = -1;
+    if (hub->inbox_fd >= 0)
+        close (hub->inbox_fd);
+    pthread_mutex_destroy (&hub->inbox_mu);
     free (hub->rbuf);
-    if (hub->timeouts_ready) {
-        if (h2o_timeout_is_linked (&hub->flush_entry))
-            h2o_timeout_unlink (&hub->flush_entry);
-        h2o_timeout_dispose (hub->loop, &hub->beat_to);
-        h2o_timeout_dispose (hub->loop, &hub->dead_to);
-        h2o_timeout_dispose (hub->loop, &hub->linger_to);
-        h2o_timeout_dispose (hub->loop, &hub->flush_to);
-        if (h2o_timeout_is_linked (&hub->reap_entry))
-            h2o_timeout_unlink (&hub->reap_entry);
-        h2o_timeout_dispose (hub->loop, &hub->reap_to);
-        hub->timeouts_ready = false;
-    }
     free (hub->table);
     free (hub);
     *p = NULL;

@@ -217,7 +217,7 @@ s_hub_close (self_t *self, uint64_t sid, uint16_t code, const char *reason, cons
     c->code = code;
     snprintf (c->reason, sizeof c->reason, "%s", reason);
     snprintf (c->goaway, sizeof c->goaway, "%s", goaway ? goaway : "");
-    h2o_multithread_send_message (self->args->hub, &c->super);
+    cn_hub_post (self->args->hub, c);
 }
 
 static void
@@ -229,7 +229,7 @@ s_hub_welcome (self_t *self, uint64_t sid, uint64_t epoch)
     c->kind = CN_HUB_WELCOME;
     c->sid = sid;
     c->epoch = epoch;
-    h2o_multithread_send_message (self->args->hub, &c->super);
+    cn_hub_post (self->args->hub, c);
 }
 
 static void
@@ -1829,7 +1829,7 @@ s_on_ctl (zloop_t *loop, zsock_t *sock, void *arg)
         self->snap_waiting = true;
         self->snap_deadline_ms = cn_now_ms () + SNAPSHOT_TIMEOUT_MS;
         zloop_reader_end (self->loop, self->ctl);
-        h2o_multithread_send_message (self->args->hub, &c->super);
+        cn_hub_post (self->args->hub, c);
     }
     else {
         zframe_t *f = s_status (self);

@@ -1434,7 +1434,7 @@ s_ack (self_t *self, uint64_t sid, const char *id, uint64_t seq)
     c->kind = CN_HUB_SEND;
     c->sid = sid;
     cn_msgw_take (&w, &c->data, &c->len);
-    h2o_multithread_send_message (self->args->hub, &c->super);
+    cn_hub_post (self->args->hub, c);
     self->acks++;
 }
 

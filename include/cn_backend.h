@@ -44,8 +44,9 @@ typedef struct {
     cn_listcache_t *lcache;                 /* the list views, shared by the
                                                backends (NULL: none) */
     /* services only (actors/cn_gateway.c s_services): the session hub's
-     * mailbox (include/cn_hub.h, CN_HUB_SEND) and this instance's boot id */
-    h2o_multithread_receiver_t *hub;
+     * mailbox (include/cn_hub.h, cn_hub_post, CN_HUB_SEND) and this
+     * instance's boot id */
+    struct cn_hub *hub;
     const char *boot_id;
 } cn_backend_args_t;
 

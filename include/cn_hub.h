@@ -1,30 +1,32 @@
 /*
- * cn_hub: the agent sessions of one instance, hosted in the HTTP gateway's
- * h2o thread (proto/session.md, docs/sessions.md).
+ * cn_hub: the agent sessions of one instance (proto/session.md,
+ * docs/sessions.md). The HTTP gateway's h2o thread answers the upgrade and
+ * hands the raw socket over; from then on the session lives in the hub's
+ * own thread ("sessions-io"), one epoll loop for all of them.
  *
  * Every session is a small struct with its own state, its socket, its two
- * timer entries and its output queue; thousands live in the one h2o thread
+ * timer entries and its output queue; thousands live in the one thread
  * (no thread, no zactor per agent: ARCHITECTURE.md's figures). A session
  * talks to the rest of cnapid only by messages:
  *
  *   hub -> sessions actor   one msgpack frame each (proto/hub.md) pushed with
  *                           ZMQ_DONTWAIT to CN_SESSIONS_ENDPOINT: hello,
  *                           vm_event, bye, flush, sessions
- *   sessions actor -> hub   cn_hub_cmd_t through the hub's h2o multithread
- *                           receiver (its mailbox): welcome, close, snapshot
+ *   sessions actor -> hub   cn_hub_cmd_t posted to the hub's mailbox
+ *                           (cn_hub_post): welcome, close, snapshot, send
  *
  * The hub never blocks: the store, Redis and the writer are the sessions
  * actor's (actors/cn_sessions.c), which the hub starts and owns.
  *
- * Life cycle (all but on_req / shutdown / count from the gateway's actor
- * thread, before the h2o thread starts or after it ended):
+ * Life cycle (new, start and destroy from the gateway's actor thread):
  *
- *   cn_hub_t *hub = cn_hub_new (cfg, &ctx, live);
+ *   cn_hub_t *hub = cn_hub_new (cfg, live);
  *   cn_hub_start (hub, reason, sizeof reason);   // binds, starts "sessions"
+ *                                                // and the hub's thread
  *   ... h2o thread: cn_hub_on_req (hub, req, uuid) for GET /agent/session
- *   ... h2o thread at shutdown: cn_hub_shutdown (hub); run the loop while
+ *   ... at shutdown (any thread): cn_hub_shutdown (hub); wait while
  *       cn_hub_count (hub) > 0 (bounded); cn_hub_finish (hub)
- *   cn_hub_destroy (&hub);                        // after the h2o thread
+ *   cn_hub_destroy (&hub);
  */
 #ifndef CN_HUB_H
 #define CN_HUB_H
@@ -50,7 +52,9 @@ enum {
     CN_HUB_CLOSE,             /* send goaway (when set), then close with code */
     CN_HUB_SNAPSHOT,          /* push a "sessions" page (offset, limit) */
     CN_HUB_WAKE,              /* nothing: wakes the loop (shutdown) */
-    CN_HUB_SEND               /* send data (a msgpack message) on session sid */
+    CN_HUB_SEND,              /* send data (a msgpack message) on session sid */
+    CN_HUB_ADOPT,             /* (the gateway) sess: a session whose 101 is written */
+    CN_HUB_SHUTDOWN           /* (the gateway) goaway to every session */
 };
 
 typedef struct {
@@ -65,6 +69,7 @@ typedef struct {
     uint64_t offset, limit;   /* SNAPSHOT: page */
     char *data;               /* SEND: malloc'd message bytes (the hub frees) */
     size_t len;               /* SEND: their length */
+    void *sess;               /* ADOPT: the session */
 } cn_hub_cmd_t;
 
 /* Counters the hub (h2o thread) keeps and the sessions actor reports. */
@@ -80,11 +85,11 @@ typedef struct {
 
 typedef struct cn_hub cn_hub_t;
 
-/* Allocates only (no I/O). ctx: the gateway's h2o context (its loop and
- * multithread queue); live: the status table the sessions actor keeps. */
-cn_hub_t *cn_hub_new (const cn_config_t *cfg, h2o_context_t *ctx, cn_liveness_t *live);
-/* Bind the PUSH to the sessions actor, register the mailbox, start the
- * sessions actor (which loads the status table). 0, or -1 with reason. */
+/* Allocates only (no I/O). live: the status table the sessions actor
+ * keeps. */
+cn_hub_t *cn_hub_new (const cn_config_t *cfg, cn_liveness_t *live);
+/* Bind the PUSH to the sessions actor, start the sessions actor (which
+ * loads the status table), then the hub's thread. 0, or -1 with reason. */
 int cn_hub_start (cn_hub_t *hub, char *reason, size_t rlen);
 /* Stop the sessions actor, free every session left, unregister. *p NULL. */
 void cn_hub_destroy (cn_hub_t **p);
@@ -96,20 +101,22 @@ void cn_hub_destroy (cn_hub_t **p);
 int cn_hub_on_req (cn_hub_t *hub, h2o_req_t *req, const char *uuid, h2o_iovec_t key,
                    const char **why);
 
-/* h2o thread: stop taking sessions; send goaway "shutdown" and close 1001
- * to every session. The sockets close as their last bytes are written. */
+/* Any thread: stop taking sessions; send goaway "shutdown" and close 1001
+ * to every session (in the hub's thread, soon after). The sockets close as
+ * their last bytes are written. */
 void cn_hub_shutdown (cn_hub_t *hub);
-/* h2o thread: sessions in the table (0 once every socket is closed).
+/* Any thread: sessions in the table (0 once every socket is closed).
  * Session sockets leave h2o's loop at the upgrade, so the gateway's own
  * connection list never holds them. */
 size_t cn_hub_count (cn_hub_t *hub);
-/* h2o thread, last: close the sessions' sockets that are left and the
- * hub's epoll (its fd in h2o's loop). */
+/* Last: stop the hub's thread, which closes the sessions' sockets that are
+ * left. */
 void cn_hub_finish (cn_hub_t *hub);
 
-/* The hub's mailbox: the sessions actor sends commands here (and the
- * tasks actor its CN_HUB_SEND task_acks). */
-h2o_multithread_receiver_t *cn_hub_receiver (cn_hub_t *hub);
+/* The hub's mailbox, from any thread: the sessions actor sends commands
+ * here (and the tasks actor its CN_HUB_SEND task_acks). The hub frees c
+ * (and c->data). */
+void cn_hub_post (cn_hub_t *hub, cn_hub_cmd_t *c);
 /* This instance's boot id (drawn by cn_hub_new). */
 const char *cn_hub_boot_id (const cn_hub_t *hub);
 

@@ -3,14 +3,14 @@
  * fencing, the instance's liveness, the status table, and the writes the
  * sessions cause (docs/sessions.md).
  *
- *   cn_sessions_args_t a = { cfg, live, cn_hub_receiver (hub), &stats, boot_id };
+ *   cn_sessions_args_t a = { cfg, live, hub, &stats, boot_id };
  *   zactor_t *s = zactor_new (cn_sessions_actor, &a);    // a outlives it
  *   zstr_send (s, "START");  -> "OK" | "ERROR" <reason>
  *
- * The hub (include/cn_hub.h, the gateway's h2o thread) binds a PUSH at
+ * The hub (include/cn_hub.h, its own thread) binds a PUSH at
  * CN_SESSIONS_ENDPOINT; this actor connects a PULL there and gets the hub's
  * messages (proto/hub.md): hello, vm_event, bye, flush, sessions. It answers
- * through the hub's multithread receiver with cn_hub_cmd_t (welcome, close,
+ * through the hub's mailbox (cn_hub_post) with cn_hub_cmd_t (welcome, close,
  * snapshot). It owns its own store connection (cn_moray_t), two Redis
  * connections (commands, and the cnapi:status subscription), a DEALER to the
  * state writer (proto/writer.md: vms, vm_event) and the VM events actor
@@ -40,7 +40,7 @@
 typedef struct {
     const cn_config_t *cfg;
     cn_liveness_t *live;                 /* the status table: we are its writer */
-    h2o_multithread_receiver_t *hub;     /* the hub's mailbox */
+    struct cn_hub *hub;                  /* the hub (its mailbox: cn_hub_post) */
     cn_hub_stats_t *stats;               /* the hub's counters (read only) */
     char boot_id[37];                    /* this instance's boot id */
 } cn_sessions_args_t;
