@@ -204,7 +204,8 @@ struct gw {
     cn_backend_args_t *bargs;
     int nbackends;
 
-    /* agent sessions (cn_hub: in the h2o thread) and the status table */
+    /* agent sessions (cn_hub: upgraded here, then in the hub's thread) and
+     * the status table */
     cn_hub_t *hub;
     cn_liveness_t *live;
     cn_listcache_t *lcache;     /* the backends' GET /servers rows (shared) */
@@ -1649,8 +1650,9 @@ s_start (gw_t *gw, char *reason, size_t rlen)
         free (ok);
     }
 
-    /* agent sessions: the hub lives in the h2o thread; its sessions actor
-     * loads the status table now (bounded by the store's timeout) */
+    /* agent sessions: the hub's thread takes the sockets this thread
+     * upgrades; its sessions actor loads the status table now (bounded by
+     * the store's timeout) */
     if (cn_hub_start (gw->hub, reason, rlen) != 0)
         goto fail;
 

@@ -72,7 +72,7 @@ typedef struct {
     void *sess;               /* ADOPT: the session */
 } cn_hub_cmd_t;
 
-/* Counters the hub (h2o thread) keeps and the sessions actor reports. */
+/* Counters the hub keeps and the sessions actor reports. */
 typedef struct {
     atomic_uint_fast64_t open;         /* sessions with a socket */
     atomic_uint_fast64_t upgrades;     /* WebSocket upgrades accepted */
