@@ -422,34 +422,45 @@ def _private_redis(t):
     return "redis://127.0.0.1:%d" % port, port, stop_redis
 
 
-def test_write_answered_after_the_cache(t):
-    """A write is answered only once the shared Redis cache holds it: while
-    Redis holds back writes (CLIENT PAUSE WRITE, reads still served), the
-    answer waits, and the reads right after it, on this instance and on
-    another one, find the new record, not the cached old one. (Each round
-    takes a server instance 2 has not read: an entry in its near cache is
-    dropped by the invalidation notice, which is asynchronous.)"""
+def _writes_during_pause(t, prefix, timeout_ms, pause_ms, suffix):
+    """Two instances on a private Redis with redis.timeout_ms; for two
+    servers, a write through instance 1 while Redis holds back writes
+    (CLIENT PAUSE WRITE, reads still served), then reads on both instances.
+    Returns (instance 1, the Redis client, [(uuid, wanted comments)])."""
     import redis
     url, port, _ = _private_redis(t)
-    cfg = {"redis": {"timeout_ms": 10000}}
-    d1 = t.cnapid(name="rw-1", pg_conninfo=t.ctx.db, redis_url=url, config=cfg)
-    d2 = t.cnapid(name="rw-2", pg_conninfo=t.ctx.db, redis_url=url, config=cfg)
+    cfg = {"redis": {"timeout_ms": timeout_ms}}
+    d1 = t.cnapid(name=prefix + "-1", pg_conninfo=t.ctx.db, redis_url=url, config=cfg)
+    d2 = t.cnapid(name=prefix + "-2", pg_conninfo=t.ctx.db, redis_url=url, config=cfg)
     rc = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
-    pause_ms = 1500
+    done = []
     for u in t.ctx.uuids[:2]:
         before = d1.get("/servers/%s" % u).body["comments"]
         harness.wait_until(lambda: rc.hget("cnapi:server:%s" % u, "j"), timeout=10,
                            desc="the record in the shared cache")
-        want = before + "+held"
+        want = before + suffix
         assert rc.execute_command("CLIENT", "PAUSE", pause_ms, "WRITE")
         t0 = time.monotonic()
         r = d1.post("/servers/%s" % u, json={"comments": want}, timeout=30)
         held = time.monotonic() - t0
         assert r.status == 204, r
-        assert d1.get("/servers/%s" % u).body["comments"] == want
         assert d2.get("/servers/%s" % u).body["comments"] == want
-        assert json.loads(rc.hget("cnapi:server:%s" % u, "j"))["comments"] == want
+        assert d1.get("/servers/%s" % u).body["comments"] == want
         t.log("write answered %.0f ms into a %d ms pause" % (held * 1000, pause_ms))
+        done.append((u, want))
+    return d1, rc, done
+
+
+def test_write_answered_after_the_cache(t):
+    """A write is answered only once the shared Redis cache holds it: while
+    Redis holds back writes, the answer waits, and the reads right after
+    it, on this instance and on another one, find the new record, not the
+    cached old one. (Each round takes a server instance 2 has not read: an
+    entry in its near cache is dropped by the invalidation notice, which is
+    asynchronous.)"""
+    d1, rc, done = _writes_during_pause(t, "rw", 10000, 1500, "+held")
+    for u, want in done:
+        assert json.loads(rc.hget("cnapi:server:%s" % u, "j"))["comments"] == want
     assert sum(w.get("http_held_total", 0) for k, w in harness.actors(d1).items()
                if k.startswith("writer-")) >= 2
 
@@ -462,29 +473,10 @@ def test_write_answered_after_a_failed_cache_write_is_dropped(t):
     a read right after it on another instance, which still reaches Redis,
     finds the new record: from Redis if the late write landed, else from
     PostgreSQL."""
-    import redis
-    url, port, _ = _private_redis(t)
-    cfg = {"redis": {"timeout_ms": 200}}
-    d1 = t.cnapid(name="rd-1", pg_conninfo=t.ctx.db, redis_url=url, config=cfg)
-    d2 = t.cnapid(name="rd-2", pg_conninfo=t.ctx.db, redis_url=url, config=cfg)
-    rc = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
-    pause_ms = 1000
-    for u in t.ctx.uuids[:2]:
-        before = d1.get("/servers/%s" % u).body["comments"]
-        harness.wait_until(lambda: rc.hget("cnapi:server:%s" % u, "j"), timeout=10,
-                           desc="the record in the shared cache")
-        want = before + "+dropped"
-        assert rc.execute_command("CLIENT", "PAUSE", pause_ms, "WRITE")
-        t0 = time.monotonic()
-        r = d1.post("/servers/%s" % u, json={"comments": want}, timeout=30)
-        held = time.monotonic() - t0
-        assert r.status == 204, r
-        assert d2.get("/servers/%s" % u).body["comments"] == want
-        assert d1.get("/servers/%s" % u).body["comments"] == want
+    d1, rc, done = _writes_during_pause(t, "rd", 200, 1000, "+dropped")
+    for u, want in done:
         cached = rc.hget("cnapi:server:%s" % u, "j")
         assert cached is None or json.loads(cached)["comments"] == want, cached
-        t.log("write answered %.0f ms into a %d ms pause; cache entry %s"
-              % (held * 1000, pause_ms, "dropped" if cached is None else "new"))
     writers = [w for k, w in harness.actors(d1).items() if k.startswith("writer-")]
     assert sum(w.get("cache_failures", 0) for w in writers) >= 2     # the path under test
     assert "redis entries not dropped in time" not in d1.log_text()
