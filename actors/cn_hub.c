@@ -45,8 +45,11 @@
  * waits for the earliest entry: `beat` (1.5 heartbeat_ms: send hb) and
  * `dead` (dead_after_ms since the last byte heard: close 4002; in CLOSING
  * the same entry is the linger bound on `linger`). A third one-entry list
- * drives the periodic flush report. Times are the wall clock in ms, read
- * once per round (hub->now).
+ * drives the periodic flush report. Timers and the hb pace run on the
+ * monotonic clock (hub->mono: a wall-clock step must neither close every
+ * session at once nor stall them); what leaves the hub (last heard, the
+ * flush's now_ms, an hb's sent_ms) is the wall clock (hub->now). Both are
+ * read once per round, in ms.
  *
  * Messages from the sessions and tasks actors and the gateway arrive in the
  * hub's mailbox (cn_hub_post: a locked list and an eventfd, drained by the
@@ -118,7 +121,7 @@ typedef struct sess {
     uint64_t hb_seq;
     uint64_t connected_ms;      /* wall clock */
     uint64_t last_heard;        /* hub->now (wall clock ms) */
-    uint64_t last_beat;         /* hub->now when our last hb went out */
+    uint64_t last_beat;         /* hub->mono when our last hb went out */
     tent_t beat;
     tent_t dead;
     uint8_t state;
@@ -152,7 +155,8 @@ struct cn_hub {
     int inbox_fd;
     tq_t beat_to, dead_to, linger_to, flush_to;
     tent_t flush_entry;
-    uint64_t now;               /* wall clock ms, at the top of each round */
+    uint64_t now;               /* wall clock ms, read once per round */
+    uint64_t mono;              /* monotonic ms, the same moment (timers) */
     /* the sessions' sockets: an edge-triggered epoll that the hub's own
      * thread waits on (docs/sessions.md, "Socket I/O") */
     int ep;
@@ -164,6 +168,7 @@ struct cn_hub {
     sess_t **table;
     h2o_linklist_t all;
     atomic_size_t count;        /* sessions in the table (read by the gateway) */
+    atomic_size_t handing;      /* handed over by the gateway, not adopted yet */
     atomic_uint_fast64_t next_sid;
     bool shutting_down;
     zactor_t *actor;
@@ -199,7 +204,7 @@ static void
 s_tlink (cn_hub_t *hub, tq_t *q, tent_t *e)
 {
     s_tunlink (e);
-    e->at = hub->now + q->delay;
+    e->at = hub->mono + q->delay;
     h2o_linklist_insert (&q->list, &e->link);
 }
 
@@ -210,7 +215,7 @@ s_trun (cn_hub_t *hub, tq_t *q)
 {
     while (!h2o_linklist_is_empty (&q->list)) {
         tent_t *e = H2O_STRUCT_FROM_MEMBER (tent_t, link, q->list.next);
-        if (e->at > hub->now)
+        if (e->at > hub->mono)
             break;
         h2o_linklist_unlink (&e->link);
         e->cb (e);
@@ -224,9 +229,9 @@ s_twait (const cn_hub_t *hub, tq_t *q, int cap)
     if (h2o_linklist_is_empty (&q->list))
         return cap;
     const tent_t *e = H2O_STRUCT_FROM_MEMBER (tent_t, link, q->list.next);
-    if (e->at <= hub->now)
+    if (e->at <= hub->mono)
         return 0;
-    return e->at - hub->now < (uint64_t) cap ? (int) (e->at - hub->now) : cap;
+    return e->at - hub->mono < (uint64_t) cap ? (int) (e->at - hub->mono) : cap;
 }
 
 
@@ -320,7 +325,7 @@ s_reap (cn_hub_t *hub)
 }
 
 /* Close the socket: no more input or output. s itself is freed later, at
- * the top of the loop (the caller, an epoll batch holding an event for s,
+ * the end of the loop's round (the caller, an epoll batch holding an event for s,
  * or a send failing inside s_send_frame, may still look at it: fd is -1). */
 static void
 s_close_socket (sess_t *s)
@@ -479,7 +484,7 @@ s_beat (sess_t *s)
     uint8_t buf[CN_MSG_HB_MAX];
     size_t n = cn_msg_hb_write (buf, ++s->hb_seq, (int64_t) s->hub->now);
     s_send_frame (s, CN_WS_OP_BINARY, buf, n);
-    s->last_beat = s->hub->now;
+    s->last_beat = s->hub->mono;
     atomic_fetch_add_explicit (&s->hub->stats.hb_sent, 1, memory_order_relaxed);
     if (s_tlinked (&s->beat))
         s_tunlink (&s->beat);
@@ -784,7 +789,7 @@ static void
 s_on_hb (sess_t *s)
 {
     if (s->state == S_OWNED
-        && s->hub->now - s->last_beat >= (uint64_t) s->hub->cfg->session_heartbeat_ms / 2)
+        && s->hub->mono - s->last_beat >= (uint64_t) s->hub->cfg->session_heartbeat_ms / 2)
         s_beat (s);
 }
 
@@ -1067,7 +1072,7 @@ s_on_cmds (cn_hub_t *hub, h2o_linklist_t *messages)
             cn_msgw_uint (&w, "epoch", c->epoch);
             cn_msgw_uint (&w, "heartbeat_ms", (uint64_t) hub->cfg->session_heartbeat_ms);
             s_send_msg (s, &w);
-            s->last_beat = hub->now;
+            s->last_beat = hub->mono;
             if (!s_tlinked (&s->beat))
                 s_tlink (hub, &hub->beat_to, &s->beat);
         }
@@ -1117,6 +1122,7 @@ static void
 s_adopt (cn_hub_t *hub, sess_t *s)
 {
     s_table_add (hub, s);
+    atomic_fetch_sub (&hub->handing, 1);      /* (after: the count never dips) */
     struct epoll_event ev = { .events = SESS_EVENTS, .data.ptr = s };
     if (epoll_ctl (hub->ep, EPOLL_CTL_ADD, s->fd, &ev) != 0) {
         CN_ERROR (COMPONENT, "cannot watch a session socket", "{s:s,s:s}", "server_uuid",
@@ -1177,6 +1183,8 @@ s_on_upgraded (void *user_data, h2o_socket_t *sock, size_t reqsize)
         abort ();
     c->kind = CN_HUB_ADOPT;
     c->sess = s;
+    /* counted from now on: the gateway's shutdown waits for it too */
+    atomic_fetch_add (&hub->handing, 1);
     cn_hub_post (hub, c);
 }
 
@@ -1278,6 +1286,8 @@ s_clock (cn_hub_t *hub)
     struct timespec ts;
     clock_gettime (CLOCK_REALTIME, &ts);
     hub->now = (uint64_t) ts.tv_sec * 1000 + (uint64_t) ts.tv_nsec / 1000000;
+    clock_gettime (CLOCK_MONOTONIC, &ts);
+    hub->mono = (uint64_t) ts.tv_sec * 1000 + (uint64_t) ts.tv_nsec / 1000000;
 }
 
 static void *
@@ -1336,7 +1346,8 @@ void
 cn_hub_finish (cn_hub_t *hub)
 {
     /* (a session whose 101 is still being written is h2o's until then: the
-     * upgrade callback frees it, or the process exit does) */
+     * upgrade callback frees it; if the gateway's grace ends first, it is
+     * left to the process exit, as h2o's connection is) */
     if (!hub->thread_started)
         return;
     atomic_store (&hub->stop, true);
@@ -1352,7 +1363,7 @@ cn_hub_finish (cn_hub_t *hub)
 size_t
 cn_hub_count (cn_hub_t *hub)
 {
-    return atomic_load (&hub->count);
+    return atomic_load (&hub->count) + atomic_load (&hub->handing);
 }
 
 const char *
@@ -1380,7 +1391,8 @@ cn_hub_new (const cn_config_t *cfg, cn_liveness_t *live)
     h2o_linklist_init_anchor (&hub->inbox);
     pthread_mutex_init (&hub->inbox_mu, NULL);
     hub->ep = -1;
-    hub->inbox_fd = -1;
+    /* here, not in start: a post before the thread runs must still wake it */
+    hub->inbox_fd = eventfd (0, EFD_CLOEXEC | EFD_NONBLOCK);
     cn_uuid_new (hub->boot_id);
     return hub;
 }
@@ -1397,9 +1409,12 @@ s_ep_setup (cn_hub_t *hub, char *reason, size_t rlen)
         snprintf (reason, rlen, "sessions' read buffer: out of memory");
         return -1;
     }
+    if (hub->inbox_fd < 0) {
+        snprintf (reason, rlen, "sessions' mailbox: no eventfd");
+        return -1;
+    }
     hub->ep = epoll_create1 (EPOLL_CLOEXEC);
-    hub->inbox_fd = eventfd (0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (hub->ep < 0 || hub->inbox_fd < 0) {
+    if (hub->ep < 0) {
         snprintf (reason, rlen, "sessions' epoll: %s", strerror (errno));
         return -1;
     }
@@ -1504,6 +1519,7 @@ cn_hub_destroy (cn_hub_t **p)
                 close (s->fd);
             free (s->ibuf);
             free (s);
+            atomic_fetch_sub (&hub->handing, 1);
         }
         free (c->data);
         free (c);

@@ -91,7 +91,8 @@ cn_hub_t *cn_hub_new (const cn_config_t *cfg, cn_liveness_t *live);
 /* Bind the PUSH to the sessions actor, start the sessions actor (which
  * loads the status table), then the hub's thread. 0, or -1 with reason. */
 int cn_hub_start (cn_hub_t *hub, char *reason, size_t rlen);
-/* Stop the sessions actor, free every session left, unregister. *p NULL. */
+/* Stop the hub's thread (if cn_hub_finish did not) and the sessions actor,
+ * free every session and command left. *p NULL. */
 void cn_hub_destroy (cn_hub_t **p);
 
 /* h2o thread: GET /agent/session that is a WebSocket upgrade with a valid
