@@ -127,7 +127,7 @@ main (int argc, char **argv)
     /* the writer shards first: every other actor connects to them */
     s_actor_t actors[CN_WRITER_MAX_SHARDS + 3];
     cn_writer_args_t wargs[CN_WRITER_MAX_SHARDS];
-    char wnames[CN_WRITER_MAX_SHARDS][16];
+    char wnames[CN_WRITER_MAX_SHARDS][24];
     size_t nactors = 0;
     for (int k = 0; k < cfg->writer_shards; k++) {
         wargs[k] = (cn_writer_args_t) { cfg, k };

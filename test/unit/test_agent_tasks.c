@@ -515,8 +515,8 @@ s_fake_ack (s_fake_t *f, const char *cn, const char *id, uint64_t seq)
     pthread_mutex_lock (&f->mu);
     if (f->nacks < 256) {
         s_ack_t *a = &f->acks[f->nacks++];
-        snprintf (a->cn, sizeof a->cn, "%s", cn);
-        snprintf (a->id, sizeof a->id, "%s", id);
+        snprintf (a->cn, sizeof a->cn, "%.*s", (int) sizeof a->cn - 1, cn);
+        snprintf (a->id, sizeof a->id, "%.*s", (int) sizeof a->id - 1, id);
         a->seq = seq;
     }
     pthread_mutex_unlock (&f->mu);
