@@ -94,16 +94,6 @@ s_maintenance (self_t *self)
     }
 }
 
-/* Stop the retry timer once nothing is held any more. */
-static void
-s_hold_check (self_t *self)
-{
-    if (self->hold_timer && (!s_dirty (self) || self->gave_up)) {
-        zloop_timer_end (self->loop, self->hold_timer);
-        self->hold_timer = 0;
-    }
-}
-
 /* One "cache_puts" message: {seq, items: [[uuid, version, json|nil], ...]}.
  * Returns its seq (0 when it has none). */
 static uint64_t
@@ -187,6 +177,19 @@ s_tell (self_t *self)
         zframe_destroy (&f);
 }
 
+/* After each batch and on each timer: drop what failed, tell the writer,
+ * and stop the retry timer once nothing is held any more. */
+static void
+s_catch_up (self_t *self)
+{
+    s_maintenance (self);
+    s_tell (self);
+    if (self->hold_timer && (!s_dirty (self) || self->gave_up)) {
+        zloop_timer_end (self->loop, self->hold_timer);
+        self->hold_timer = 0;
+    }
+}
+
 static int
 s_on_pull (zloop_t *loop, zsock_t *pull, void *arg)
 {
@@ -201,19 +204,14 @@ s_on_pull (zloop_t *loop, zsock_t *pull, void *arg)
         zframe_destroy (&f);
         atomic_fetch_sub (&self->stats->queued, 1);
     }
-    s_maintenance (self);
-    s_tell (self);
-    s_hold_check (self);
+    s_catch_up (self);
     return 0;
 }
 
 static int
 s_on_hold_tick (zloop_t *loop, int timer_id, void *arg)
 {
-    self_t *self = arg;
-    s_maintenance (self);
-    s_tell (self);
-    s_hold_check (self);
+    s_catch_up (arg);
     return 0;
 }
 
@@ -221,9 +219,7 @@ static int
 s_on_tick (zloop_t *loop, int timer_id, void *arg)
 {
     self_t *self = arg;
-    s_maintenance (self);
-    s_tell (self);
-    s_hold_check (self);
+    s_catch_up (self);
     bool up = cn_redis_ok (self->redis);
     if (up) {
         redisReply *rep = cn_redis_cmd (self->redis, "PING");

@@ -195,21 +195,10 @@ s_on_bytes (conn_t *c, uint8_t *p, size_t n)
             return false;
         c->plen -= used;
         memmove (c->pend, c->pend + used, c->plen);
-        if (!c->plen)
-            return true;
-        p = c->pend;    /* frames sent right behind the request */
-        n = c->plen;
-        c->plen = 0;
-        uint8_t *tmp = malloc (n);
-        if (!tmp)
-            return false;
-        memcpy (tmp, p, n);
-        bool ok = s_on_bytes (c, tmp, n);
-        free (tmp);
-        return ok;
+        n = 0;          /* frames sent right behind the request: in pend */
     }
     if (c->plen) {          /* an incomplete frame before these bytes */
-        if (!s_keep (c, p, n))
+        if (n && !s_keep (c, p, n))
             return false;
         ssize_t used = s_frames (c, c->pend, c->plen);
         if (used < 0)

@@ -67,18 +67,23 @@ sleep 3
 RSS0=$(rss_kb "$PID")
 log "baseline: cnapid RSS $RSS0 KiB ($([ "$RESTART" = 1 ] && echo "fresh process after seeding" || echo "same process that ingested the records")), load $(loadavg)"
 
+# start_mockcloud COUNT PREFIX NAME: COUNT agents at 1 s heartbeats, nothing
+# but sessions; stats in $STATE/NAME.stats; its PID in MC_PID
+start_mockcloud() {
+  local ramp=()
+  [ "$RAMP" -ge 0 ] && ramp=(--ramp-ms "$RAMP")
+  "$BUILD/mockcloud" --count "$1" --prefix "$2" --threads "$THREADS" --amqp none \
+      --resolver "$CNAPI_DNS_SERVER" --cnapi-port "$PORT" --heartbeat-ms 1000 "${ramp[@]}" \
+      --stats --log-level "${MC_LOG:-warn}" >"$STATE/$3.stats" 2>"$STATE/$3.log" &
+  MC_PID=$!
+  PIDS+=($!)
+}
+
 MCPIDS=()
 T0=$(now_ms)
 for m in $(seq 1 "$MC"); do
-  prefix=$(printf 'cafe%04x' $((m - 1)))
-  cnt=$(count_of "$m")
-  ramp=()
-  [ "$RAMP" -ge 0 ] && ramp=(--ramp-ms "$RAMP")
-  "$BUILD/mockcloud" --count "$cnt" --prefix "$prefix" --threads "$THREADS" --amqp none \
-      --resolver "$CNAPI_DNS_SERVER" --cnapi-port "$PORT" --heartbeat-ms 1000 "${ramp[@]}" \
-      --stats --log-level "${MC_LOG:-warn}" >"$STATE/mc-$m.stats" 2>"$STATE/mc-$m.log" &
-  MCPIDS+=($!)
-  PIDS+=($!)
+  start_mockcloud "$(count_of "$m")" "$(printf 'cafe%04x' $((m - 1)))" "mc-$m"
+  MCPIDS+=("$MC_PID")
 done
 T_UP=""
 for _ in $(seq 1 1800); do           # bounded: 3 minutes
@@ -179,13 +184,8 @@ kill -TERM "$PID"; reap "$PID"
 BPID=$!
 PIDS+=($!)
 "$ROOT/deploy/local/stack" dns-set "$STACK" 127.0.0.3 >/dev/null 2>&1
-ramp=()
-[ "$RAMP" -ge 0 ] && ramp=(--ramp-ms "$RAMP")
-"$BUILD/mockcloud" --count "$N" --prefix cafeffff --threads "$THREADS" --amqp none \
-    --resolver "$CNAPI_DNS_SERVER" --cnapi-port "$PORT" --heartbeat-ms 1000 "${ramp[@]}" \
-    --stats --log-level "${MC_LOG:-warn}" >"$STATE/mc-floor.stats" 2>"$STATE/mc-floor.log" &
-FMC=$!
-PIDS+=($!)
+start_mockcloud "$N" cafeffff mc-floor
+FMC=$MC_PID
 F_UP=$(wait_connected "$STATE/mc-floor.stats" "$N" 180) || true
 log "floor: sessions up after ${F_UP} ms; load $(loadavg)"
 sleep 10
